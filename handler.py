@@ -1,0 +1,78 @@
+"""RunPod serverless entry point: load the model once, then serve jobs from it.
+
+    python handler.py                       # on RunPod: the worker loop
+    python handler.py --test_input '{"input": {"prompt": "..."}}'   # one local job
+    python handler.py                       # locally, with test_input.json in the folder
+
+Everything but the wiring lives in `serving/` (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before any Hugging Face or RunPod import: weights come from local folders only, and the SDK's
+# DEBUG default would log whole outputs (base64 images).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, AsyncIterator  # noqa: E402
+
+from serving.local_run import run_local_job  # noqa: E402
+from serving.settings import load_settings  # noqa: E402
+from serving.worker import Worker  # noqa: E402
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+WORKER = Worker.start(load_settings())
+CONFIG: dict[str, Any] = {}
+
+
+async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The RunPod handler: an async generator streaming one chunk per image, then a summary."""
+    try:
+        async for chunk in WORKER.run_job(job):
+            yield chunk
+    finally:
+        if WORKER.needs_refresh:
+            CONFIG["refresh_worker"] = True  # the SDK stops this pod after the job; RunPod starts a fresh one
+
+
+def concurrency_modifier(current: int) -> int:
+    """Jobs one worker takes at once; the batcher merges their images on the one GPU."""
+    return WORKER.settings.concurrency
+
+
+def _on_runpod() -> bool:
+    return bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test_input", help="a job as JSON, e.g. '{\"input\": {\"prompt\": \"...\"}}'")
+    parser.add_argument("--output_dir", default="outputs", help="where a local run saves its images")
+    args, _ = parser.parse_known_args(argv)
+    if args.test_input is None and (_on_runpod() or not Path("test_input.json").is_file()):
+        import runpod
+
+        if _on_runpod():
+            from runpod.serverless import progress_update
+
+            WORKER.progress_sink = progress_update
+        CONFIG.update(handler=handler, concurrency_modifier=concurrency_modifier, return_aggregate_stream=True)
+        runpod.serverless.start(CONFIG)
+        return 0
+    # Local run: the SDK would not iterate a generator handler here, so we run the job ourselves.
+    job = json.loads(args.test_input) if args.test_input else json.loads(Path("test_input.json").read_text())
+    return asyncio.run(run_local_job(handler, job, Path(args.output_dir)))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

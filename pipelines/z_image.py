@@ -1,0 +1,252 @@
+"""The Z-Image engine: the warm model and the three stages of a batched generation.
+
+It holds one diffusers `ZImagePipeline` (loaded once, from a local diffusers-format folder) and
+runs its components directly, stage by stage, so that each stage can be timed, text encodings
+cached, the sampler chosen (flow-match Euler or the danrisi res_2s), and a cancelled batch
+stopped between model calls. The simple workflow reproduces `ZImagePipeline.__call__` exactly
+(tests/pipelines/test_z_image.py checks the pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Lock
+
+import numpy as np
+import torch
+
+from models.z_image_demo import MODEL_INFO_FILE
+from pipelines.samplers import StopCheck, beta_sigmas, sample_euler, sample_res_2s, simple_sigmas
+
+log = logging.getLogger(__name__)
+
+MAX_TEXT_TOKENS = 512
+CAPTION_PAD = 32  # ZImageTransformer2DModel pads each caption to a multiple of this
+WORKFLOWS = ("z-image-simple", "z-image-danrisi")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What is serving: a hub id and revision, or the demo model."""
+
+    id: str
+    revision: str
+    demo: bool
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> "ModelIdentity":
+        info_path = Path(model_dir) / MODEL_INFO_FILE
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        return cls(
+            id=info.get("id", Path(model_dir).name),
+            revision=info.get("revision", "unknown"),
+            demo=bool(info.get("demo", False)),
+        )
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What every image of one pipeline call shares."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    workflow: str
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image to make: its own prompt, negative prompt and seed."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+
+
+@dataclass
+class BatchResult:
+    """uint8 images (B, H, W, 3) and the time each stage took, in ms."""
+
+    images: np.ndarray
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def pick_device(preference: str) -> str:
+    if preference == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return preference
+
+
+class PromptEmbeddingCache:
+    """Bounded LRU of text encodings keyed by the exact text: one character prompt, encoded once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, text: str) -> torch.Tensor | None:
+        with self._lock:
+            value = self._entries.get(text)
+            if value is None:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(text)
+            self.hits += 1
+            return value
+
+    def put(self, text: str, value: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._entries[text] = value
+            self._entries.move_to_end(text)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+
+class ZImageEngine:
+    """One warm Z-Image pipeline; `generate` runs one batch through encode → denoise → decode."""
+
+    def __init__(self, pipe, identity: ModelIdentity, device: str, prompt_cache_size: int) -> None:
+        self.pipe = pipe
+        self.identity = identity
+        self.device = torch.device(device)
+        self.dtype = pipe.transformer.dtype
+        self.prompt_cache = PromptEmbeddingCache(prompt_cache_size)
+        self.load_seconds = 0.0
+
+    @classmethod
+    def load(cls, model_dir: Path, device: str, prompt_cache_size: int = 256) -> "ZImageEngine":
+        """Load from a local diffusers folder: bf16 on CUDA, float32 on CPU; never the network."""
+        from diffusers import ZImagePipeline
+
+        started = time.perf_counter()
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        pipe = ZImagePipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True, device_map=device)
+        pipe.set_progress_bar_config(disable=True)
+        engine = cls(pipe, ModelIdentity.from_dir(model_dir), device, prompt_cache_size)
+        engine.load_seconds = time.perf_counter() - started
+        log.info(
+            "loaded Z-Image %s@%s on %s (%s) in %.2f s%s",
+            engine.identity.id, engine.identity.revision, device, dtype, engine.load_seconds,
+            " — DEMO MODEL with random weights: images are noise" if engine.identity.demo else "",
+        )
+        return engine
+
+    # -- stage 1: text --------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> list[torch.Tensor]:
+        """Text encodings (unpadded token rows), batched over the prompts not in the cache."""
+        found = {text: self.prompt_cache.get(text) for text in dict.fromkeys(prompts)}
+        missing = [text for text, value in found.items() if value is None]
+        if missing:
+            for text, value in zip(missing, self._encode_uncached(missing)):
+                self.prompt_cache.put(text, value)
+                found[text] = value
+        return [found[text] for text in prompts]
+
+    def _chat(self, prompt: str) -> str:
+        return self.pipe.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+        )
+
+    def text_length_bucket(self, prompt: str) -> int:
+        """The caption length the transformer pads this prompt to (a multiple of 32 tokens)."""
+        tokens = len(self.pipe.tokenizer(self._chat(prompt), max_length=MAX_TEXT_TOKENS, truncation=True).input_ids)
+        return -(-tokens // CAPTION_PAD) * CAPTION_PAD
+
+    def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
+        tokenizer = self.pipe.tokenizer
+        chats = [self._chat(p) for p in prompts]
+        # Pad to the longest prompt, not to 512: the encoder is causal, so padding changes nothing
+        # in the kept rows, and short prompts skip hundreds of wasted token positions.
+        tokens = tokenizer(chats, padding="longest", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt")
+        ids = tokens.input_ids.to(self.device)
+        mask = tokens.attention_mask.to(self.device).bool()
+        hidden = self.pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        return [hidden[i][mask[i]] for i in range(len(prompts))]
+
+    # -- stage 2: latents -----------------------------------------------------------------------
+    def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
+        """Per-image generators, so image i's noise is the same whatever batch it runs in."""
+        scale = self.pipe.vae_scale_factor
+        shape = (1, self.pipe.transformer.in_channels, 2 * (height // (scale * 2)), 2 * (width // (scale * 2)))
+        noises = [
+            torch.randn(shape, generator=torch.Generator(self.device).manual_seed(seed), device=self.device)
+            for seed in seeds
+        ]
+        return torch.cat(noises).float()
+
+    def velocity_function(self, text: list[torch.Tensor], negative: list[torch.Tensor] | None, guidance: float):
+        """v(x, sigma) as ZImagePipeline computes it, with classifier-free guidance when asked."""
+        transformer = self.pipe.transformer
+
+        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+            batch = x.shape[0]
+            model_t = torch.full((batch,), 1.0 - sigma, device=x.device, dtype=torch.float32)
+            latents = x.to(self.dtype)
+            embeds = text
+            if negative is not None:
+                latents = latents.repeat(2, 1, 1, 1)
+                embeds = text + negative
+                model_t = model_t.repeat(2)
+            out = transformer(list(latents.unsqueeze(2).unbind(0)), model_t, embeds, return_dict=False)[0]
+            out = torch.stack([o.float() for o in out]).squeeze(2)
+            if negative is not None:
+                positive, negative_out = out[:batch], out[batch:]
+                out = positive + guidance * (positive - negative_out)
+            return -out
+
+        return velocity
+
+    @torch.no_grad()
+    def denoise(
+        self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None, spec: BatchSpec,
+        should_stop: StopCheck,
+    ) -> torch.Tensor:
+        shift = float(self.pipe.scheduler.config.get("shift", 3.0))
+        velocity = self.velocity_function(text, negative, spec.guidance_scale)
+        if spec.workflow == "z-image-danrisi":
+            return sample_res_2s(noise, beta_sigmas(spec.steps, shift), velocity, should_stop)
+        return sample_euler(noise, simple_sigmas(spec.steps, shift), velocity, should_stop)
+
+    # -- stage 3: pixels ------------------------------------------------------------------------
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents → uint8 RGB (B, H, W, 3), the whole batch in one VAE call."""
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        pixels = vae.decode(latents, return_dict=False)[0]
+        pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    def generate(self, items: list[ImageItem], spec: BatchSpec, should_stop: StopCheck = lambda: False) -> BatchResult:
+        """One pipeline call for a batch of images that share `spec`."""
+        timings: dict[str, float] = {}
+
+        def mark(stage: str, since: float) -> float:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            timings[stage] = round((now - since) * 1000, 2)
+            return now
+
+        started = time.perf_counter()
+        text = self.encode_prompts([item.prompt for item in items])
+        negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.guidance_scale > 0 else None
+        started = mark("text_encoding", started)
+        noise = self.initial_noise([item.seed for item in items], spec.width, spec.height)
+        latents = self.denoise(noise, text, negative, spec, should_stop)
+        started = mark("denoising", started)
+        images = self.decode(latents)
+        mark("decoding", started)
+        return BatchResult(images=images, timings_ms=timings)

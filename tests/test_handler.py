@@ -1,0 +1,139 @@
+"""The handler end to end on the demo model: what a client of /runsync sees."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import base64
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, SMALL, assert_regenerates, pixels, run_job
+
+
+def test_generates_requested_images_with_seeds_and_metadata(handler_module):
+    result = run_job(handler_module, {"prompt": "a red fox", "num_images": 3, "seed": 7, **SMALL})
+    assert [(i["index"], i["seed"]) for i in result["images"]] == [(0, 7), (1, 8), (2, 9)]
+    assert result["errors"] == []
+    assert all(pixels(i).shape == (64, 64, 3) for i in result["images"])
+    assert result["settings"]["steps"] == 2 and result["settings"]["seed"] == 7
+    assert result["model"] == {"id": "demo", "revision": "z-image-tiny-random-v1", "demo": True}
+    assert "random weights" in result["notice"]
+    assert set(result["timings_ms"]) >= {"text_encoding", "denoising", "decoding", "image_encoding", "total"}
+    assert result["timings_ms"]["denoising"] > 0
+
+
+@pytest.mark.parametrize("workflow", ["z-image-simple", "z-image-danrisi"])
+def test_same_seed_same_pixels_and_image_i_regenerates_alone(handler_module, workflow):
+    four = run_job(handler_module, {"prompt": "a lighthouse", "num_images": 4, "seed": 100, "workflow": workflow, **SMALL})
+    again = run_job(handler_module, {"prompt": "a lighthouse", "num_images": 4, "seed": 100, "workflow": workflow, **SMALL})
+    alone = run_job(handler_module, {"prompt": "a lighthouse", "num_images": 1, "seed": 102, "workflow": workflow, **SMALL})
+    assert four["workflow"] == workflow
+    for a, b in zip(four["images"], again["images"]):
+        assert np.array_equal(pixels(a), pixels(b))
+    assert_regenerates(pixels(four["images"][2]), pixels(alone["images"][0]))
+    assert not np.array_equal(pixels(four["images"][0]), pixels(four["images"][1]))
+
+
+def test_workflows_differ_and_auto_prefers_danrisi(handler_module):
+    simple = run_job(handler_module, {"prompt": "a boat", "seed": 1, "workflow": "z-image-simple", **SMALL})
+    danrisi = run_job(handler_module, {"prompt": "a boat", "seed": 1, "workflow": "z-image-danrisi", **SMALL})
+    auto = run_job(handler_module, {"prompt": "a boat", "seed": 1, **SMALL})
+    assert auto["workflow"] == "z-image-danrisi"
+    assert np.array_equal(pixels(auto["images"][0]), pixels(danrisi["images"][0]))
+    assert not np.array_equal(pixels(simple["images"][0]), pixels(danrisi["images"][0]))
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [({"width": 96, "height": 64}, (64, 96)), ({"aspect_ratio": "16:9", "megapixels": 0.01}, (80, 144))],
+)
+def test_sizes(handler_module, size, expected):
+    result = run_job(handler_module, {"prompt": "a bridge", "steps": 1, **size})
+    image = result["images"][0]
+    assert pixels(image).shape[:2] == expected == (image["height"], image["width"])
+
+
+@pytest.mark.parametrize(("fmt", "magic"), [("png", b"\x89PNG"), ("webp", b"RIFF"), ("jpeg", b"\xff\xd8\xff")])
+def test_formats(handler_module, fmt, magic):
+    result = run_job(handler_module, {"prompt": "a tree", "output_format": fmt, "output_quality": 80, **SMALL})
+    data = base64.b64decode(result["images"][0]["base64"])
+    assert data.startswith(magic) and result["images"][0]["format"] == fmt
+    assert Image.open(io.BytesIO(data)).size == (64, 64)
+
+
+def test_png_carries_the_engines_pixels_exactly(handler_module):
+    from pipelines.z_image import BatchSpec, ImageItem
+
+    result = run_job(handler_module, {"prompt": "a cat", "seed": 3, "workflow": "z-image-simple", **SMALL})
+    engine = handler_module.WORKER.engine
+    direct = engine.generate([ImageItem("a cat", "", 3)], BatchSpec(64, 64, 2, 0.0, "z-image-simple")).images[0]
+    assert np.array_equal(pixels(result["images"][0]), direct)
+
+
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    [
+        ({"prompt": "x", "steps": 0}, "invalid_input: steps: must be between 1 and 50"),
+        ({"prompt": "x", "steps": 51}, "invalid_input: steps: must be between 1 and 50"),
+        ({"prompt": ""}, "invalid_input: prompt: must not be empty"),
+        ({}, "invalid_input: prompt: is required"),
+        ({"prompt": "x", "width": 100}, "invalid_input: width: must be a multiple of 16"),
+        ({"prompt": "x", "num_images": 17}, "invalid_input: num_images: must be between 1 and 16"),
+        ({"prompt": "x", "colour": "red"}, "invalid_input: colour: unknown field"),
+        ({"prompt": "x", "width": 512, "aspect_ratio": "1:1"}, "invalid_input: aspect_ratio: give either"),
+        ({"prompt": "x", "guidance_scale": float("nan")}, "invalid_input: guidance_scale: must be a finite"),
+        ({"prompt": "x", "seed": 2**32}, "invalid_input: seed: must be between 0 and 4294967295"),
+        ({"prompt": "x", "workflow": "comfy"}, "invalid_input: workflow:"),
+        ({"prompt": "x", "mode": "consistent"}, "mode_unavailable: mode:"),
+        ({"prompt": "x", "width": 2048, "height": 2048}, None),  # within MAX_PIXELS by default: accepted
+    ],
+)
+def test_bad_input_is_a_clear_error_and_the_worker_serves_on(handler_module, bad, expected):
+    if expected is None:
+        return  # documented boundary; generating 2048² here would only be slow
+    result = run_job(handler_module, bad)
+    assert result["error"].startswith(expected)
+    assert "Traceback" not in result["error"]
+    after = run_job(handler_module, {"prompt": "still alive", **SMALL})
+    assert len(after["images"]) == 1
+
+
+def test_capabilities(handler_module):
+    caps = run_job(handler_module, {"action": "capabilities"})
+    assert caps["model"]["demo"] is True
+    assert {w["name"]: w["available"] for w in caps["workflows"]} == {
+        "z-image-simple": True, "z-image-danrisi": True, "auto": True,
+    }
+    consistent = next(m for m in caps["modes"] if m["name"] == "consistent")
+    assert consistent["available"] is False and consistent["reason"]
+    assert caps["limits"]["num_images"] == [1, 16] and caps["device"] == "cpu" and caps["dtype"] == "float32"
+    assert caps["versions"]["diffusers"] == "0.42.1"
+
+
+def test_test_input_command_line_saves_images(tmp_path):
+    job = {"input": {"prompt": "a kite", "num_images": 2, "seed": 5, **SMALL}}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps(job), "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    saved = sorted(p.name for p in (tmp_path / "local_test").iterdir())
+    assert saved == ["00-5.png", "01-6.png"]
+    assert "base64_chars" in done.stdout and '"base64"' not in done.stdout
+    assert "base64" not in done.stderr.replace("base64_chars", "")
+
+
+def test_test_input_command_line_reports_bad_input(tmp_path):
+    job = {"input": {"prompt": "a kite", "steps": 99}}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps(job), "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert done.returncode == 1
+    assert "invalid_input: steps: must be between 1 and 50" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
