@@ -84,8 +84,10 @@ def test_public_base_url_is_plain_and_fetchable(config: StorageConfig, moto_endp
 
 
 def test_uploads_send_no_flexible_checksums_but_content_md5(proxy: FaultProxy, config: StorageConfig) -> None:
-    """R2, GCS and B2 reject boto3's default CRC32 checksum headers/trailers."""
-    with via(proxy, config) as store:
+    """R2, GCS and B2 reject boto3's default CRC32 checksum headers/trailers. A host name (not
+    an IP, for which botocore always uses paths) shows path-style addressing is chosen."""
+    by_name = replace(config, endpoint_url=proxy.url.replace("127.0.0.1", "localhost"))
+    with ImageStore(by_name, retry=FAST_RETRY) as store:
         store.put("k/one.png", PNG, "image/png")
 
     (put,) = [r for r in proxy.requests if r.method == "PUT"]
