@@ -58,7 +58,10 @@ def ensure_demo_bundle(cache_dir: Path = DEFAULT_CACHE) -> Path:
     try:
         build_bundle(staging)
         (staging / "READY").write_text("ok\n")
-        os.replace(staging, target) if not target.exists() else shutil.rmtree(staging)
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -84,7 +87,7 @@ def byte_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, max
     tok.decoder = decoders.ByteLevel()
     single = ([f"{bos}:0"] if bos else []) + ["$A:0", f"{eos}:0"]
     tok.post_processor = processors.TemplateProcessing(
-        single=" ".join(single), special_tokens=[(t, vocab[t]) for t in {bos, eos} if t]
+        single=" ".join(single), special_tokens=[(t, vocab[t]) for t in (bos, eos) if t]
     )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=max_length

@@ -61,9 +61,9 @@ class IdentityInjection:
         return add_identity
 
     @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """Hooks stay registered but pass outputs through; always restored to off."""
-        self.tokens = None
+    def run(self, weight: float) -> Iterator[None]:
+        """One generation: starts off (``tokens`` is set when injection begins), always ends off."""
+        self.tokens, self.weight = None, weight
         try:
             yield
         finally:
@@ -159,10 +159,9 @@ class PuLIDFluxPipeline:
                 pipe._interrupt = True
             return tensors
 
-        with injection.disabled():
+        with injection.run(id_weight):
             if use_identity and identity_start_step <= 0:
                 injection.tokens = identity.tokens
-            injection.weight = id_weight
             images = self.flux(
                 prompt=prompts,
                 width=width,
