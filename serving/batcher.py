@@ -84,10 +84,11 @@ class Batcher:
 
     # -- called from the event loop -------------------------------------------------------------
     def submit(
-        self, job_id: str, spec: BatchSpec, group: Hashable, items: list[ImageItem],
+        self, job_id: str, spec: BatchSpec, group: Hashable, items: list[tuple[int, ImageItem]],
         on_outcome: Callable[[ImageOutcome], None],
     ) -> JobTicket:
-        ticket = JobTicket(job_id, spec, group, on_outcome, deque(enumerate(items)))
+        """Queue a job's images, each with its index in the job."""
+        ticket = JobTicket(job_id, spec, group, on_outcome, deque(items))
         with self._cond:
             if job_id in self._tickets:
                 raise ValueError(f"job {job_id} is already scheduled")
@@ -123,7 +124,11 @@ class Batcher:
             if batch is None:
                 return
             spec, members = batch
-            self._run(spec, members)
+            try:
+                self._run(spec, members)
+            except Exception:  # noqa: BLE001 - the GPU thread must outlive any bug in one batch
+                log.exception("batch failed outside the model call")
+                self._fail([m for m in members if not m[0].cancelled], "internal_error", "the worker failed this image")
 
     def _next_batch(self) -> tuple[BatchSpec, list[tuple[JobTicket, int, ImageItem]]] | None:
         with self._cond:

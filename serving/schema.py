@@ -19,6 +19,8 @@ SIZE_MULTIPLE = 16
 ASPECT_RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3)}
 MEGAPIXEL = 1024 * 1024  # 1 "megapixel" is 1024x1024, so the default size is the model's native one
 DEFAULT_QUALITY = {"png": None, "webp": 90, "jpeg": 90}
+MAX_ID_WEIGHT = 3.0
+MAX_REFERENCE_CHARS = 14 * 2**20  # a 10 MB image as base64, plus a data-URI header
 
 Workflow = Literal["auto", "z-image-simple", "z-image-danrisi"]
 Mode = Literal["fast", "consistent"]
@@ -52,6 +54,11 @@ class GenerateRequest(BaseModel):
     mode: Mode = "fast"
     output_format: ImageFormat = "png"
     output_quality: int | None = None
+    delivery: Literal["base64", "url"] = "base64"
+    reference_image: str | None = None
+    id_weight: float = 1.0
+    identity_start_step: int | None = None
+    fallback: Literal["none", "fast"] = "none"
 
     @field_validator("prompt")
     @classmethod
@@ -119,6 +126,35 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _quality(cls, value: int | None) -> int | None:
         return None if value is None else _between(value, 1, 100)
+
+    @field_validator("reference_image")
+    @classmethod
+    def _reference(cls, value: str | None) -> str | None:
+        if value is not None and not (0 < len(value) <= MAX_REFERENCE_CHARS):
+            raise ValueError("must be a non-empty https URL or base64 image of at most 10 MB")
+        return value
+
+    @field_validator("id_weight")
+    @classmethod
+    def _id_weight(cls, value: float) -> float:
+        if not (math.isfinite(value) and 0.0 <= value <= MAX_ID_WEIGHT):
+            raise ValueError(f"must be a finite number between 0 and {MAX_ID_WEIGHT:g}")
+        return value
+
+    @field_validator("identity_start_step")
+    @classmethod
+    def _start_step(cls, value: int | None) -> int | None:
+        return None if value is None else _between(value, 0, MAX_STEPS - 1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerateRequest":
+        if self.mode == "consistent" and self.reference_image is None:
+            raise _FieldRule("reference_image", "is required in consistent mode")
+        if self.mode == "fast" and self.reference_image is not None:
+            raise _FieldRule("reference_image", "is only used in consistent mode")
+        if self.identity_start_step is not None and self.identity_start_step >= self.steps:
+            raise _FieldRule("identity_start_step", "must be less than steps")
+        return self
 
     @model_validator(mode="after")
     def _size(self) -> "GenerateRequest":

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from serving.storage import StorageConfig, StorageConfigError, storage_config_from_env
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -69,6 +71,12 @@ class Settings:
     encode_threads: int
     max_pixels: int
     job_timeout_s: int
+    max_response_bytes: int
+    storage: StorageConfig | None
+    pulid_enabled: bool
+    pulid_model_dir: Path | None
+    pulid_identity_cache: int
+    pulid_start_step: int
 
     @property
     def uses_demo_model(self) -> bool:
@@ -92,4 +100,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         encode_threads=_int(env, "ENCODE_THREADS", 4, 1, 64),
         max_pixels=_int(env, "MAX_PIXELS", 2048 * 2048, 64 * 64, 4096 * 4096),
         job_timeout_s=_int(env, "JOB_TIMEOUT_S", 600, 1, 86_400),
+        max_response_bytes=_int(env, "MAX_RESPONSE_MB", 10, 1, 20) * 2**20,
+        storage=_storage(env),
+        pulid_enabled=_bool(env, "PULID_ENABLED", True),
+        pulid_model_dir=Path(pulid_dir) if (pulid_dir := _text(env, "PULID_MODEL_DIR", "")) else None,
+        pulid_identity_cache=_int(env, "PULID_IDENTITY_CACHE", 32, 1, 10_000),
+        pulid_start_step=_int(env, "PULID_START_STEP", 4, 0, 50),
     )
+
+
+def _storage(env: Mapping[str, str]) -> StorageConfig | None:
+    try:
+        return storage_config_from_env(env)
+    except StorageConfigError as err:
+        raise SettingsError(str(err)) from err

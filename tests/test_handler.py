@@ -89,13 +89,17 @@ def test_png_carries_the_engines_pixels_exactly(handler_module):
         ({"prompt": "x", "guidance_scale": float("nan")}, "invalid_input: guidance_scale: must be a finite"),
         ({"prompt": "x", "seed": 2**32}, "invalid_input: seed: must be between 0 and 4294967295"),
         ({"prompt": "x", "workflow": "comfy"}, "invalid_input: workflow:"),
-        ({"prompt": "x", "mode": "consistent"}, "mode_unavailable: mode:"),
-        ({"prompt": "x", "width": 2048, "height": 2048}, None),  # within MAX_PIXELS by default: accepted
+        ({"prompt": "x", "mode": "consistent"}, "invalid_input: reference_image: is required in consistent mode"),
+        ({"prompt": "x", "reference_image": "aGk="}, "invalid_input: reference_image: is only used in consistent"),
+        ({"prompt": "x", "steps": 4, "identity_start_step": 4, "mode": "consistent", "reference_image": "aGk="},
+         "invalid_input: identity_start_step: must be less than steps"),
+        ({"prompt": "x", "delivery": "url"}, "invalid_input: delivery: url delivery needs storage"),
+        ({"prompt": "x", "num_images": 16, "width": 2048, "height": 2048},
+         "payload_too_large: delivery:"),
+        ("not an object", "invalid_input: input: must be a JSON object"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_the_worker_serves_on(handler_module, bad, expected):
-    if expected is None:
-        return  # documented boundary; generating 2048² here would only be slow
     result = run_job(handler_module, bad)
     assert result["error"].startswith(expected)
     assert "Traceback" not in result["error"]
