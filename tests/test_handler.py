@@ -113,8 +113,8 @@ def test_capabilities(handler_module):
     assert {w["name"]: w["available"] for w in caps["workflows"]} == {
         "z-image-simple": True, "z-image-danrisi": True, "auto": True,
     }
-    consistent = next(m for m in caps["modes"] if m["name"] == "consistent")
-    assert consistent["available"] is False and consistent["reason"]
+    assert {m["name"]: m["available"] for m in caps["modes"]} == {"fast": True, "consistent": True}
+    assert caps["delivery"]["base64"] is True and caps["delivery"]["url"] is False
     assert caps["limits"]["num_images"] == [1, 16] and caps["device"] == "cpu" and caps["dtype"] == "float32"
     assert caps["versions"]["diffusers"] == "0.42.1"
 
