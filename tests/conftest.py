@@ -1,4 +1,5 @@
-"""Shared fixtures: the real handler on the embedded demo model, driven in-process."""
+"""Shared fixtures: the real handler on the embedded demo model, driven in-process, and the local
+endpoint (over the fake worker or the real handler) on 127.0.0.1 at an ephemeral port."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import base64
 import io
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -43,3 +44,34 @@ def assert_regenerates(batched: np.ndarray, alone: np.ndarray) -> None:
     difference = np.abs(batched.astype(int) - alone.astype(int))
     assert difference.max() <= 1, difference.max()
     assert (difference > 0).mean() < 0.01
+
+
+# -- the local endpoint ------------------------------------------------------------------------
+from endpoint.app import ServerSettings
+from endpoint.background import BackgroundEndpoint
+from endpoint.loader import LoadedHandler, load_handler
+
+FAKE_WORKER = "tests.endpoint.fake_worker:handler"
+API_KEY = "test-key"
+EndpointFactory = Callable[..., BackgroundEndpoint]
+
+
+@pytest.fixture
+def start_endpoint() -> Iterator[EndpointFactory]:
+    """Start endpoints (fake worker unless told otherwise); all are stopped after the test."""
+    started: list[BackgroundEndpoint] = []
+
+    def start(loaded: LoadedHandler | None = None, **settings: object) -> BackgroundEndpoint:
+        settings.setdefault("api_key", API_KEY)
+        server = BackgroundEndpoint(loaded or load_handler(FAKE_WORKER), ServerSettings(**settings))  # type: ignore[arg-type]
+        started.append(server.__enter__())
+        return server
+
+    yield start
+    for server in reversed(started):
+        server.__exit__(None, None, None)
+
+
+@pytest.fixture
+def endpoint(start_endpoint: EndpointFactory) -> BackgroundEndpoint:
+    return start_endpoint()

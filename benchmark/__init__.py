@@ -1,0 +1,1 @@
+"""Endpoint benchmark harness: measures image generation as the users' app sees it (HTTP API)."""

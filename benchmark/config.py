@@ -1,0 +1,136 @@
+"""The benchmark config (JSON) and its expansion into permutations (see docs/BENCHMARK.md)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MATRIX = "matrix"
+WIZARD_BASE = "wizard_base"
+WIZARD_PROFILE = "wizard_profile"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Matrix(_Strict):
+    """Every combination of these lists is one permutation (per vertical)."""
+
+    workflows: list[str] = Field(default=["auto"], min_length=1)
+    modes: list[str] = Field(default=["fast"], min_length=1)
+    steps: list[int] = Field(default=[8], min_length=1)
+    resolutions: list[tuple[int, int]] = Field(default=[(1024, 1024)], min_length=1)
+    num_images: list[int] = Field(default=[1], min_length=1)
+    concurrency: list[int] = Field(default=[1], min_length=1)
+
+
+class Wizard(_Strict):
+    """The users' flow: `base_jobs` one-image jobs at once, then one job of `profile_images`."""
+
+    workflow: str = "auto"
+    mode: str = "fast"
+    steps: int = 8
+    width: int = 1024
+    height: int = 1024
+    base_jobs: int = Field(default=3, ge=1, le=16)
+    profile_images: int = Field(default=8, ge=1, le=16)
+
+
+class Limits(_Strict):
+    request_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    job_timeout_s: float = Field(default=300.0, gt=0, le=3600)
+    poll_interval_s: float = Field(default=0.5, ge=0.05, le=10)
+    max_retries: int = Field(default=4, ge=0, le=10)
+    max_runs: int = Field(default=500, ge=1, le=10_000)
+
+
+class BenchmarkConfig(_Strict):
+    name: str
+    verticals: dict[str, list[str]] = Field(min_length=1)
+    defaults: dict[str, Any] = Field(default_factory=dict)  # extra input fields for every job
+    matrix: Matrix | None = None
+    wizard: Wizard | None = None
+    repetitions: int = Field(default=3, ge=1, le=100)
+    limits: Limits = Limits()
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchmarkConfig:
+        if self.matrix is None and self.wizard is None:
+            raise ValueError("config needs a matrix, a wizard, or both")
+        if any(not prompts for prompts in self.verticals.values()):
+            raise ValueError("every vertical needs at least one prompt")
+        runs = len(permutations(self)) * self.repetitions
+        if runs > self.limits.max_runs:
+            raise ValueError(f"{runs} runs exceed limits.max_runs={self.limits.max_runs}")
+        return self
+
+
+@dataclass(frozen=True)
+class Permutation:
+    """One measured setting; a run submits `jobs` jobs of `num_images` images at once."""
+
+    scenario: str
+    vertical: str
+    workflow: str
+    mode: str
+    steps: int
+    width: int
+    height: int
+    num_images: int
+    jobs: int
+
+    @property
+    def key(self) -> str:
+        return (f"{self.scenario}/{self.vertical}/{self.workflow}/{self.mode}/s{self.steps}/"
+                f"{self.width}x{self.height}/{self.jobs}x{self.num_images}img")
+
+    def settings(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def permutations(config: BenchmarkConfig) -> list[Permutation]:
+    """Matrix permutations, then the wizard's two steps, for each vertical."""
+    out: list[Permutation] = []
+    for vertical in config.verticals:
+        if config.matrix is not None:
+            m = config.matrix
+            for workflow, mode, steps, (width, height), num, jobs in itertools.product(
+                m.workflows, m.modes, m.steps, m.resolutions, m.num_images, m.concurrency
+            ):
+                out.append(Permutation(MATRIX, vertical, workflow, mode, steps, width, height, num, jobs))
+        if config.wizard is not None:
+            w = config.wizard
+            common = (vertical, w.workflow, w.mode, w.steps, w.width, w.height)
+            out.append(Permutation(WIZARD_BASE, *common, num_images=1, jobs=w.base_jobs))
+            out.append(Permutation(WIZARD_PROFILE, *common, num_images=w.profile_images, jobs=1))
+    return out
+
+
+def job_inputs(config: BenchmarkConfig, perm: Permutation, repetition: int) -> list[dict[str, Any]]:
+    """The inputs of one run: prompts cycle through the vertical, seeds differ per job."""
+    prompts = config.verticals[perm.vertical]
+    inputs = []
+    for j in range(perm.jobs):
+        inputs.append({
+            **config.defaults,
+            "action": "generate",
+            "prompt": prompts[(repetition * perm.jobs + j) % len(prompts)],
+            "num_images": perm.num_images,
+            "width": perm.width,
+            "height": perm.height,
+            "steps": perm.steps,
+            "workflow": perm.workflow,
+            "mode": perm.mode,
+            "seed": 1000 * repetition + j,
+        })
+    return inputs
+
+
+def load_config(path: Path) -> BenchmarkConfig:
+    return BenchmarkConfig.model_validate(json.loads(path.read_text()))

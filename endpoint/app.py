@@ -1,0 +1,235 @@
+"""The aiohttp application: RunPod endpoint routes under /v2/{endpoint_id}/ over a JobRunner."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from endpoint import progress
+from endpoint.jobs import IN_PROGRESS, IN_QUEUE, JobRecord, JobStore
+from endpoint.loader import LoadedHandler
+from endpoint.runner import JobRunner
+
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Every bound of the server, with RunPod's values as defaults."""
+
+    api_key: str | None = None
+    run_max_bytes: int = 10 * MB
+    runsync_max_bytes: int = 20 * MB
+    retention_s: float = 30 * 60  # RunPod keeps /run results 30 minutes
+    execution_timeout_s: float = 600.0  # endpoint default; policy.executionTimeout overrides
+    max_execution_timeout_s: float = 24 * 3600.0
+    max_queued: int = 1000
+    runsync_wait_ms: int = 90_000
+    runsync_wait_bounds_ms: tuple[int, int] = (1_000, 300_000)
+    cancel_wait_s: float = 5.0  # how long /cancel waits for a running job to stop
+    worker_id: str = field(default_factory=lambda: f"local-{uuid.uuid4().hex[:12]}")
+
+
+@dataclass
+class ServerState:
+    settings: ServerSettings
+    store: JobStore
+    runner: JobRunner
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class ApiError(Exception):
+    """An error answered as RunPod does: an HTTP status and `{"error": message}`."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _auth_middleware(api_key: str | None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if api_key is not None:
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return _error(401, "Unauthorized")
+        try:
+            return await handler(request)
+        except ApiError as err:
+            return _error(err.status, str(err))
+
+    return middleware
+
+
+def _state(request: web.Request) -> ServerState:
+    return request.app[STATE]
+
+
+def _record(request: web.Request) -> JobRecord:
+    record = _state(request).store.lookup(request.match_info["job_id"])
+    if record is None:
+        raise ApiError(404, "request does not exist")
+    return record
+
+
+async def _read_request(request: web.Request, max_bytes: int) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, f"payload too large: {request.content_length} bytes, limit {max_bytes}")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"payload too large: limit {max_bytes} bytes") from None
+    if len(raw) > max_bytes:
+        raise ApiError(413, f"payload too large: {len(raw)} bytes, limit {max_bytes}")
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(400, "request body is not valid JSON") from None
+    if not isinstance(body, dict) or "input" not in body:
+        raise ApiError(400, "request body must be a JSON object with an 'input' field")
+    return body
+
+
+def _execution_timeout_s(body: dict[str, Any], settings: ServerSettings) -> float:
+    policy = body.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise ApiError(400, "policy must be an object")
+    timeout_ms = policy.get("executionTimeout")
+    if timeout_ms is None:
+        return settings.execution_timeout_s
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
+        raise ApiError(400, "policy.executionTimeout must be a positive integer (ms)")
+    return min(timeout_ms / 1000, settings.max_execution_timeout_s)
+
+
+async def _submit(request: web.Request, max_bytes: int) -> JobRecord:
+    state = _state(request)
+    body = await _read_request(request, max_bytes)
+    if state.runner.queued >= state.settings.max_queued:
+        raise ApiError(429, f"queue full ({state.settings.max_queued} jobs)")
+    record = JobRecord(input=body["input"], execution_timeout_s=_execution_timeout_s(body, state.settings))
+    state.runner.submit(record)
+    return record
+
+
+def status_body(record: JobRecord, worker_id: str) -> dict[str, Any]:
+    """The /status (and finished /runsync) response."""
+    body: dict[str, Any] = {"id": record.id, "status": record.status, **record.timings()}
+    if record.started_at is not None:
+        body["workerId"] = worker_id
+    if record.status == IN_PROGRESS and record.progress is not None:
+        body["output"] = record.progress
+    elif record.is_final and record.output is not None:
+        body["output"] = record.output
+    if record.error is not None:
+        body["error"] = record.error
+    return body
+
+
+async def run(request: web.Request) -> web.Response:
+    record = await _submit(request, _state(request).settings.run_max_bytes)
+    return web.json_response({"id": record.id, "status": IN_QUEUE})
+
+
+async def runsync(request: web.Request) -> web.Response:
+    settings = _state(request).settings
+    low, high = settings.runsync_wait_bounds_ms
+    try:
+        wait_ms = int(request.query.get("wait", settings.runsync_wait_ms))
+    except ValueError:
+        raise ApiError(400, "wait must be an integer (ms)") from None
+    record = await _submit(request, settings.runsync_max_bytes)
+    try:
+        await asyncio.wait_for(record.done.wait(), timeout=min(max(wait_ms, low), high) / 1000)
+    except TimeoutError:
+        return web.json_response({"id": record.id, "status": record.status})
+    return web.json_response(status_body(record, settings.worker_id))
+
+
+async def status(request: web.Request) -> web.Response:
+    return web.json_response(status_body(_record(request), _state(request).settings.worker_id))
+
+
+async def stream(request: web.Request) -> web.Response:
+    record = _record(request)
+    chunks = record.take_stream()
+    return web.json_response({"status": record.status, "stream": [{"output": c} for c in chunks]})
+
+
+async def cancel(request: web.Request) -> web.Response:
+    state = _state(request)
+    record = _record(request)
+    state.runner.cancel(record)
+    try:
+        await asyncio.wait_for(record.done.wait(), timeout=state.settings.cancel_wait_s)
+    except TimeoutError:
+        pass  # a handler that blocks the loop cannot be interrupted; report what it is now
+    return web.json_response({"id": record.id, "status": record.status})
+
+
+async def health(request: web.Request) -> web.Response:
+    state = _state(request)
+    runner = state.runner
+    state.store.prune()
+    counters = runner.counters
+    busy = 1 if runner.running else 0
+    return web.json_response(
+        {
+            "jobs": {
+                "completed": counters["completed"],
+                "failed": counters["failed"] + counters["timedOut"],
+                "inProgress": runner.running,
+                "inQueue": runner.queued,
+                "retried": 0,
+            },
+            "workers": {"idle": 1 - busy, "running": busy},
+        }
+    )
+
+
+def create_app(loaded: LoadedHandler, settings: ServerSettings | None = None) -> web.Application:
+    """An app serving `loaded`; jobs start on app startup and are cancelled on cleanup."""
+    settings = settings or ServerSettings()
+    app = web.Application(
+        middlewares=[_auth_middleware(settings.api_key)],
+        client_max_size=max(settings.run_max_bytes, settings.runsync_max_bytes) + 1,
+    )
+    hook_name = f"endpoint-{id(app)}"
+
+    async def startup(app: web.Application) -> None:
+        store = JobStore(settings.retention_s)
+        runner = JobRunner(loaded.handler, store, loaded.concurrency_modifier)
+        runner.start()
+        app[STATE] = ServerState(settings=settings, store=store, runner=runner)
+        progress.register(hook_name, asyncio.get_running_loop(), store.get)
+
+    async def cleanup(app: web.Application) -> None:
+        progress.unregister(hook_name)
+        await app[STATE].runner.stop()
+
+    app.on_startup.append(startup)
+    app.on_cleanup.append(cleanup)
+    prefix = "/v2/{endpoint_id}"
+    app.router.add_post(f"{prefix}/run", run)
+    app.router.add_post(f"{prefix}/runsync", runsync)
+    for method in ("GET", "POST"):
+        app.router.add_route(method, f"{prefix}/status/{{job_id}}", status)
+        app.router.add_route(method, f"{prefix}/stream/{{job_id}}", stream)
+    app.router.add_post(f"{prefix}/cancel/{{job_id}}", cancel)
+    app.router.add_get(f"{prefix}/health", health)
+    return app

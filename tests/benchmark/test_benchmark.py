@@ -1,0 +1,117 @@
+"""The benchmark end to end against the local endpoint (fake worker), and its pieces that decide."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from benchmark import cli
+from benchmark.bench import Benchmark, parse_capabilities, skip_reason
+from benchmark.client import EndpointClient
+from benchmark.config import BenchmarkConfig, Permutation, load_config, permutations
+from benchmark.report import summarize
+from endpoint.background import BackgroundEndpoint
+from tests.conftest import API_KEY
+from tests.endpoint.fake_worker import CAPABILITIES
+
+SMOKE = Path(__file__).resolve().parents[2] / "benchmarks" / "smoke.json"
+RECORD_FIELDS = {"submit_ms", "delay_ms", "execution_ms", "first_image_ms", "all_images_ms", "image_arrival_ms",
+                 "images", "failures", "workflow", "mode", "steps", "width", "height", "num_images", "vertical"}
+
+
+def test_smoke_config_end_to_end(endpoint: BackgroundEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
+    rc = cli.main(["--config", str(SMOKE), "--base-url", f"{endpoint.base_url}/local",
+                   "--out-dir", str(tmp_path), "--plot", "--no-progress"])
+    assert rc == 0
+    [report_path] = tmp_path.glob("*.json")
+    report = json.loads(report_path.read_text())
+    assert report_path.with_suffix(".png").stat().st_size > 0
+    config = load_config(SMOKE)
+    danrisi = [p.key for p in permutations(config) if p.workflow == "z-image-danrisi"]
+    assert [s["permutation"] for s in report["skipped"]] == danrisi
+    assert all("fixture: not offered" in s["reason"] for s in report["skipped"])
+    served = len(permutations(config)) - len(danrisi)
+    assert len(report["runs"]) == served * config.repetitions
+    for run in report["runs"]:
+        assert RECORD_FIELDS <= set(run)
+        assert run["ok"] and run["images"] == run["expected_images"] == len(run["image_arrival_ms"])
+        assert run["first_image_ms"] <= run["all_images_ms"]
+        assert run["submit_ms"] <= run["first_image_ms"]
+    base = [r for r in report["runs"] if r["scenario"] == "wizard_base"]
+    profile = [r for r in report["runs"] if r["scenario"] == "wizard_profile"]
+    assert {(r["jobs"], r["num_images"]) for r in base} == {(3, 1)}
+    assert {(r["jobs"], r["num_images"]) for r in profile} == {(1, 8)}
+    assert len({job["id"] for r in base for job in r["jobs_detail"]}) == 3 * len(base)
+    targets = {row["scenario"]: row for row in report["summary"] if row["target"]}
+    assert targets["wizard_base"]["meets_target"] and targets["wizard_profile"]["meets_target"]
+    assert "base64" not in json.dumps(report["runs"])  # image data never lands in the report
+
+
+def _config(**overrides: Any) -> BenchmarkConfig:
+    base: dict[str, Any] = {"name": "t", "verticals": {"v": ["p"]}, "matrix": {"num_images": [2]},
+                            "repetitions": 1, "limits": {"poll_interval_s": 0.05}}
+    return BenchmarkConfig.model_validate({**base, **overrides})
+
+
+def _run(endpoint: BackgroundEndpoint, config: BenchmarkConfig) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
+        async with EndpointClient(f"{endpoint.base_url}/local", API_KEY) as client:
+            bench = Benchmark(config, client, show_progress=False)
+            await bench.run()
+            return bench.records
+    return asyncio.run(go())
+
+
+def test_image_errors_are_failures_with_reasons(endpoint: BackgroundEndpoint) -> None:
+    [record] = _run(endpoint, _config(defaults={"fault": "image_error"}))
+    assert not record["ok"] and record["images"] == 1 and record["all_images_ms"] is None
+    assert [(f["kind"], f["index"], f["reason"]) for f in record["failures"]] == [("image_error", 0, "fixture: injected")]
+
+
+def test_job_timeout_is_a_failure_and_the_job_is_cancelled(endpoint: BackgroundEndpoint) -> None:
+    config = _config(defaults={"delay_s": 2.0}, limits={"poll_interval_s": 0.05, "job_timeout_s": 0.3})
+    [record] = _run(endpoint, config)
+    assert [f["kind"] for f in record["failures"]] == ["timeout"]
+    assert record["jobs_detail"][0]["status"] == "CANCELLED"
+
+
+def test_failed_job_reason_is_recorded(endpoint: BackgroundEndpoint) -> None:
+    [record] = _run(endpoint, _config(matrix={"resolutions": [[100, 64]]}))
+    assert record["failures"][0]["kind"] == "failed"
+    assert record["failures"][0]["reason"] == "invalid_input: width: multiple of 16 in 16..2048"
+
+
+def test_capabilities_decide_what_is_skipped() -> None:
+    caps = parse_capabilities([CAPABILITIES])  # an async-generator handler returns a list
+    perm = Permutation("matrix", "v", "z-image-simple", "fast", 8, 1024, 1024, 4, 1)
+    assert skip_reason(perm, caps) is None
+    assert "unavailable: fixture: no PuLID" in skip_reason(Permutation(**{**perm.settings(), "mode": "consistent"}), caps)
+    assert "not offered" in skip_reason(Permutation(**{**perm.settings(), "workflow": "other"}), caps)
+    assert skip_reason(Permutation(**{**perm.settings(), "num_images": 17}), caps) == "num_images 17 > endpoint limit 16"
+
+
+def test_failed_runs_count_as_infinitely_slow_against_targets() -> None:
+    def run(ok: bool, ms: float) -> dict[str, Any]:
+        return {"permutation": "k", "scenario": "wizard_base", "ok": ok, "all_images_ms": ms if ok else None,
+                "first_image_ms": ms}
+    [row] = summarize([run(True, 1000), run(True, 2000), run(False, 0)])
+    assert row["all_images_p50_s"] == 2.0 and math.isinf(row["all_images_p95_s"])
+    assert row["failed_runs"] == 1 and row["meets_target"] is False
+    [row] = summarize([run(True, 9000), run(True, 9500)])
+    assert row["meets_target"] is True
+    [row] = summarize([run(True, 9000), run(True, 10500), run(True, 11000)])
+    assert row["all_images_p50_s"] == 10.5 and row["meets_target"] is False  # nearest rank: a real run
+
+
+def test_config_is_bounded_and_strict() -> None:
+    with pytest.raises(ValidationError, match="max_runs"):
+        _config(matrix={"num_images": [1, 2, 3, 4]}, repetitions=100, limits={"max_runs": 50})
+    with pytest.raises(ValidationError):
+        _config(surprise=True)

@@ -1,0 +1,87 @@
+"""TEST FIXTURE: a stand-in for the real handler, for testing the HTTP layer only.
+
+It honours the handler contract of docs/ARCHITECTURE.md (async generator, image / image_error /
+summary chunks, `{"error": "invalid_input: <field>: <rule>"}` for bad input, the capabilities
+action, `concurrency_modifier`) but generates nothing: each "image" is a short sleep and a few
+bytes of base64. Two fixture-only input fields exercise failure paths: `delay_s` (seconds per
+image) and `fault` ("raise" after the first image, or "image_error" for image 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any, AsyncIterator
+
+import runpod.serverless
+
+CONCURRENCY = 4
+DEFAULT_DELAY_S = 0.02
+MAX_DELAY_S = 5.0
+MAX_IMAGES = 16
+MAX_SIDE = 2048
+
+CAPABILITIES: dict[str, Any] = {
+    "workflows": [
+        {"name": "z-image-simple", "available": True, "reason": None},
+        {"name": "auto", "available": True, "reason": None},
+        {"name": "z-image-danrisi", "available": False, "reason": "fixture: not offered"},
+    ],
+    "modes": [
+        {"name": "fast", "available": True, "reason": None},
+        {"name": "consistent", "available": False, "reason": "fixture: no PuLID weights"},
+    ],
+    "limits": {"max_num_images": MAX_IMAGES, "max_width": MAX_SIDE, "max_height": MAX_SIDE, "max_steps": 50},
+}
+
+
+def concurrency_modifier(current: int) -> int:
+    return CONCURRENCY
+
+
+def _invalid(inp: Any) -> str | None:
+    """The first broken rule as `invalid_input: <field>: <rule>`, or None."""
+    if not isinstance(inp, dict):
+        return "invalid_input: input: must be an object"
+    prompt = inp.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "invalid_input: prompt: required non-empty string"
+    num = inp.get("num_images", 1)
+    if not isinstance(num, int) or not 1 <= num <= MAX_IMAGES:
+        return f"invalid_input: num_images: integer 1..{MAX_IMAGES}"
+    for side in ("width", "height"):
+        value = inp.get(side, 64)
+        if not isinstance(value, int) or value % 16 or not 16 <= value <= MAX_SIDE:
+            return f"invalid_input: {side}: multiple of 16 in 16..{MAX_SIDE}"
+    delay = inp.get("delay_s", DEFAULT_DELAY_S)
+    if not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DELAY_S:
+        return f"invalid_input: delay_s: number 0..{MAX_DELAY_S}"
+    return None
+
+
+async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    inp = job["input"]
+    if isinstance(inp, dict) and inp.get("action") == "capabilities":
+        yield CAPABILITIES
+        return
+    error = _invalid(inp)
+    if error:
+        yield {"error": error}
+        return
+    total = inp.get("num_images", 1)
+    width, height = inp.get("width", 64), inp.get("height", 64)
+    seed = inp.get("seed", 1234)
+    fmt = inp.get("output_format", "jpeg")
+    for index in range(total):
+        await asyncio.sleep(inp.get("delay_s", DEFAULT_DELAY_S))
+        if inp.get("fault") == "raise" and index == 1:
+            raise RuntimeError("fixture fault")
+        progress = {"completed": index + 1, "total": total}
+        runpod.serverless.progress_update(job, progress)
+        if inp.get("fault") == "image_error" and index == 0:
+            yield {"image_error": {"index": index, "seed": seed + index, "code": "fixture", "message": "injected"}, "progress": progress}
+            continue
+        data = base64.b64encode(f"img-{job['id']}-{index}".encode()).decode()
+        image = {"index": index, "seed": seed + index, "width": width, "height": height, "format": fmt, "base64": data}
+        yield {"image": image, "progress": progress}
+    yield {"summary": {"num_images": total, "width": width, "height": height, "workflow": inp.get("workflow", "auto")}}

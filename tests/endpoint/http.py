@@ -1,0 +1,48 @@
+"""A few lines of raw HTTP against a BackgroundEndpoint (the API as any client sees it)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import requests
+
+from endpoint.background import BackgroundEndpoint
+from tests.conftest import API_KEY
+
+ENDPOINT_ID = "test-endpoint"
+
+
+class Api:
+    def __init__(self, server: BackgroundEndpoint, key: str | None = API_KEY) -> None:
+        self.base = f"{server.base_url}/{ENDPOINT_ID}"
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
+        return requests.request(method, f"{self.base}/{path}", json=body, headers=self.headers, timeout=10, **kwargs)
+
+    def submit(self, job_input: Any, **extra: Any) -> str:
+        response = self.call("POST", "run", {"input": job_input, **extra})
+        response.raise_for_status()
+        return response.json()["id"]
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        response = self.call("GET", f"status/{job_id}")
+        response.raise_for_status()
+        return response.json()
+
+    def wait(self, job_id: str, timeout_s: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            body = self.status(job_id)
+            if body["status"] in {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}:
+                return body
+            assert time.monotonic() < deadline, f"job {job_id} still {body['status']}"
+            time.sleep(0.02)
+
+    def wait_for_status(self, job_id: str, status: str, timeout_s: float = 5) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while (body := self.status(job_id))["status"] != status:
+            assert time.monotonic() < deadline, f"job {job_id} never {status}: {body['status']}"
+            time.sleep(0.01)
+        return body

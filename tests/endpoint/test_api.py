@@ -1,0 +1,170 @@
+"""The local endpoint over real HTTP: statuses, shapes, limits, concurrency, cancel, progress."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from endpoint.background import BackgroundEndpoint
+from tests.conftest import EndpointFactory
+from tests.endpoint.fake_worker import CONCURRENCY
+from tests.endpoint.http import Api
+
+
+def images_of(output: list[dict]) -> list[int]:
+    return [chunk["image"]["index"] for chunk in output if "image" in chunk]
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+def test_wrong_or_missing_key_is_401(endpoint: BackgroundEndpoint, key: str | None) -> None:
+    api = Api(endpoint, key=key)
+    for method, path in [("POST", "run"), ("GET", "health"), ("GET", "status/x")]:
+        response = api.call(method, path, {"input": {"prompt": "p"}})
+        assert response.status_code == 401, path
+        assert "error" in response.json()
+
+
+def test_no_key_configured_means_open(start_endpoint: EndpointFactory) -> None:
+    api = Api(start_endpoint(api_key=None), key=None)
+    assert api.call("GET", "health").status_code == 200
+
+
+def test_runsync_returns_aggregate_output_and_timings(endpoint: BackgroundEndpoint) -> None:
+    body = Api(endpoint).call("POST", "runsync", {"input": {"prompt": "p", "num_images": 3}}).json()
+    assert body["status"] == "COMPLETED"
+    assert set(body) >= {"id", "status", "delayTime", "executionTime", "workerId", "output"}
+    assert images_of(body["output"]) == [0, 1, 2]
+    assert "summary" in body["output"][-1]
+    assert body["executionTime"] >= 3 * 20 * 0.9  # three images of 20 ms each
+
+
+def test_runsync_wait_expiry_returns_the_running_job(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    response = api.call("POST", "runsync?wait=1000", {"input": {"prompt": "p", "num_images": 2, "delay_s": 0.6}})
+    body = response.json()
+    assert body == {"id": body["id"], "status": "IN_PROGRESS"}
+    assert images_of(api.wait(body["id"])["output"]) == [0, 1]
+
+
+def test_bad_input_chunk_fails_the_job_with_its_message(endpoint: BackgroundEndpoint) -> None:
+    body = Api(endpoint).call("POST", "runsync", {"input": {"prompt": "p", "width": 100}}).json()
+    assert body["status"] == "FAILED"
+    assert body["error"] == "invalid_input: width: multiple of 16 in 16..2048"
+    assert "output" not in body
+
+
+def test_handler_exception_fails_the_job_after_streaming_what_it_made(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    job_id = api.submit({"prompt": "p", "num_images": 3, "fault": "raise"})
+    final = api.wait(job_id)
+    assert final["status"] == "FAILED"
+    assert final["error"].startswith("handler: fixture fault")
+    stream = api.call("GET", f"stream/{job_id}").json()
+    assert images_of([c["output"] for c in stream["stream"]]) == [0]
+
+
+def test_stream_returns_each_chunk_once_while_running(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    job_id = api.submit({"prompt": "p", "num_images": 4, "delay_s": 0.15})
+    seen, statuses = [], []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        body = api.call("GET", f"stream/{job_id}").json()
+        statuses.append(body["status"])
+        seen.extend(chunk["output"] for chunk in body["stream"])
+        if body["status"] == "COMPLETED" and not body["stream"]:
+            break
+        time.sleep(0.05)
+    assert images_of(seen) == [0, 1, 2, 3]
+    assert "summary" in seen[-1]
+    assert seen == api.status(job_id)["output"]
+    assert "IN_PROGRESS" in statuses  # chunks came while it ran, not only at the end
+
+
+def test_status_shows_latest_progress_while_running(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    job_id = api.submit({"prompt": "p", "num_images": 3, "delay_s": 0.4})
+    api.wait_for_status(job_id, "IN_PROGRESS")
+    deadline = time.monotonic() + 5
+    while (body := api.status(job_id)).get("output") is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert body["status"] == "IN_PROGRESS"
+    assert body["output"]["total"] == 3 and 1 <= body["output"]["completed"] <= 3
+    assert isinstance(api.wait(job_id)["output"], list)  # progress gives way to the result
+
+
+def test_concurrency_comes_from_the_handler_module(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    ids = [api.submit({"prompt": "p", "num_images": 1, "delay_s": 0.5}) for _ in range(CONCURRENCY + 2)]
+    api.wait_for_status(ids[CONCURRENCY - 1], "IN_PROGRESS")
+    health = api.call("GET", "health").json()
+    assert health["jobs"]["inProgress"] == CONCURRENCY
+    assert health["jobs"]["inQueue"] == 2
+    assert health["workers"] == {"idle": 0, "running": 1}
+    assert api.status(ids[-1])["status"] == "IN_QUEUE"
+    finals = [api.wait(job_id) for job_id in ids]
+    assert all(f["status"] == "COMPLETED" for f in finals)
+    assert max(f["delayTime"] for f in finals) >= 400  # the last two waited for a slot
+    health = api.call("GET", "health").json()
+    assert health["jobs"] == {"completed": len(ids), "failed": 0, "inProgress": 0, "inQueue": 0, "retried": 0}
+
+
+def test_cancel_running_and_queued_jobs(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    ids = [api.submit({"prompt": "p", "num_images": 5, "delay_s": 1.0}) for _ in range(CONCURRENCY + 1)]
+    api.wait_for_status(ids[0], "IN_PROGRESS")
+    queued = ids[-1]
+    assert api.status(queued)["status"] == "IN_QUEUE"
+    for job_id in (queued, ids[0]):  # the queued one first, or the freed slot would start it
+        assert api.call("POST", f"cancel/{job_id}").json() == {"id": job_id, "status": "CANCELLED"}
+    assert api.status(queued).get("workerId") is None  # it never started
+    assert api.status(ids[0])["status"] == "CANCELLED"
+    assert api.status(ids[1])["status"] == "IN_PROGRESS"  # the others go on
+    for job_id in ids[1:-1]:
+        api.call("POST", f"cancel/{job_id}")
+    assert api.call("GET", "health").json()["jobs"]["inProgress"] == 0
+
+
+def test_execution_timeout_policy(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    body = api.call("POST", "runsync", {"input": {"prompt": "p", "num_images": 3, "delay_s": 1.0},
+                                        "policy": {"executionTimeout": 300}}).json()
+    assert body["status"] == "TIMED_OUT"
+    assert 250 <= body["executionTime"] < 1000
+    bad = api.call("POST", "run", {"input": {}, "policy": {"executionTimeout": "soon"}})
+    assert bad.status_code == 400
+
+
+def test_payload_limits_per_route(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    big = {"input": {"prompt": "x" * 11_000_000}}
+    too_big = api.call("POST", "run", big)
+    assert too_big.status_code == 413 and "payload too large" in too_big.json()["error"]
+    assert api.call("POST", "runsync?wait=1000", big).status_code == 200  # 20 MB limit there
+    assert api.call("POST", "runsync", {"input": {"prompt": "x" * 21_000_000}}).status_code == 413
+
+
+def test_request_errors(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    assert api.call("POST", "run", {"prompt": "no input field"}).status_code == 400
+    assert api.call("POST", "run", data=b"{not json").status_code == 400
+    missing = api.call("GET", "status/nope")
+    assert missing.status_code == 404 and missing.json() == {"error": "request does not exist"}
+
+
+def test_results_are_forgotten_after_retention(start_endpoint: EndpointFactory) -> None:
+    api = Api(start_endpoint(retention_s=0.3))
+    job_id = api.submit({"prompt": "p"})
+    assert api.wait(job_id)["status"] == "COMPLETED"
+    time.sleep(0.4)
+    assert api.call("GET", f"status/{job_id}").status_code == 404
+
+
+def test_queue_is_bounded(start_endpoint: EndpointFactory) -> None:
+    api = Api(start_endpoint(max_queued=1))
+    for _ in range(CONCURRENCY + 1):
+        api.submit({"prompt": "p", "delay_s": 0.5})
+    response = api.call("POST", "run", {"input": {"prompt": "p"}})
+    assert response.status_code == 429 and "queue full" in response.json()["error"]
