@@ -46,6 +46,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}: must be a boolean (1/0, true/false), got {raw!r}")
 
 
+def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
+    """A boolean that may also be left to the device: empty or "auto" gives None."""
+    if env.get(name, "").strip().lower() in ("", "auto"):
+        return None
+    return _bool(env, name, False)
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = _text(env, name, default).lower()
     if value not in choices:
@@ -69,6 +76,15 @@ class Settings:
     encode_threads: int
     max_pixels: int
     job_timeout_s: int
+    # CUDA speed switches (docs/PERFORMANCE.md); None means "decided by the device".
+    attention_backend: str
+    compile: bool | None
+    compile_cache_dir: Path
+    fp8: bool
+    fp8_keep_last_blocks: int
+    fp8_min_psnr_db: int
+    text_encoder_device: str
+    warmup: bool | None
 
     @property
     def uses_demo_model(self) -> bool:
@@ -92,4 +108,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         encode_threads=_int(env, "ENCODE_THREADS", 4, 1, 64),
         max_pixels=_int(env, "MAX_PIXELS", 2048 * 2048, 64 * 64, 4096 * 4096),
         job_timeout_s=_int(env, "JOB_TIMEOUT_S", 600, 1, 86_400),
+        attention_backend=_choice(env, "ATTENTION_BACKEND", "auto", ("auto", "flash3", "flash", "sdpa", "native")),
+        compile=_auto_bool(env, "COMPILE"),
+        compile_cache_dir=Path(_text(env, "COMPILE_CACHE_DIR", str(REPO_ROOT / ".cache" / "torch-compile"))),
+        fp8=_bool(env, "FP8", False),
+        fp8_keep_last_blocks=_int(env, "FP8_KEEP_LAST_BLOCKS", 4, 0, 64),
+        fp8_min_psnr_db=_int(env, "FP8_MIN_PSNR_DB", 30, 0, 100),
+        text_encoder_device=_choice(env, "TEXT_ENCODER_DEVICE", "gpu", ("gpu", "cpu")),
+        warmup=_auto_bool(env, "WARMUP"),
     )

@@ -8,6 +8,7 @@ to the images that worked, and the summary closes every job that got past valida
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import platform
 import secrets
@@ -18,6 +19,7 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from models.z_image_demo import ensure_demo_model
+from pipelines.acceleration import AccelerationPlan, save_compile_cache, warm_up
 from pipelines.z_image import BatchSpec, ImageItem, ZImageEngine, pick_device
 from serving.batcher import Batcher, ImageOutcome
 from serving.errors import JobError
@@ -35,6 +37,7 @@ ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]
 # 20.9 GB of weights), with headroom: the auto batch limit divides free memory by it.
 ACTIVATION_BYTES_PER_MEGAPIXEL = 4.5 * 2**30
 CPU_MAX_BATCH = 4
+WARMUP_SIZE = 1024  # the schema's default width and height
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -71,8 +74,16 @@ class Worker:
     def start(cls, settings: Settings) -> "Worker":
         """Load the model (real weights from MODEL_DIR, else the demo model) before any job."""
         model_dir = settings.model_dir or ensure_demo_model(settings.demo_model_dir)
-        engine = ZImageEngine.load(model_dir, pick_device(settings.device), settings.prompt_cache_size)
-        return cls(settings, engine)
+        device = pick_device(settings.device)
+        plan = AccelerationPlan.from_settings(settings, device)
+        engine = ZImageEngine.load(model_dir, device, settings.prompt_cache_size, plan)
+        worker = cls(settings, engine)
+        if plan.warmup:  # compile and autotune now, at the default size and every batch size, not in a job
+            spec = BatchSpec(WARMUP_SIZE, WARMUP_SIZE, 2, 0.0, "z-image-simple")
+            engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE,
+                                                    list(range(1, worker.max_batch_for(spec) + 1)))
+            save_compile_cache(plan.compile_cache_dir if plan.compile else None)
+        return worker
 
     def _on_fatal(self, err: BaseException) -> None:
         self.needs_refresh = True
@@ -252,6 +263,7 @@ class Worker:
             "gpu": torch.cuda.get_device_name(0) if self.engine.device.type == "cuda" else None,
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "load_seconds": round(self.engine.load_seconds, 3),
+            "acceleration": dataclasses.asdict(self.engine.acceleration),
             "versions": {
                 "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__, "runpod": runpod.__version__,
