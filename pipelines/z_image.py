@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from models.z_image_demo import MODEL_INFO_FILE
+from pipelines.acceleration import AccelerationPlan, AccelerationReport, accelerate
 from pipelines.samplers import StopCheck, beta_sigmas, sample_euler, sample_res_2s, simple_sigmas
 
 log = logging.getLogger(__name__)
@@ -123,10 +124,14 @@ class ZImageEngine:
         self.dtype = pipe.transformer.dtype
         self.prompt_cache = PromptEmbeddingCache(prompt_cache_size)
         self.load_seconds = 0.0
+        self.acceleration = AccelerationReport()
 
     @classmethod
-    def load(cls, model_dir: Path, device: str, prompt_cache_size: int = 256) -> "ZImageEngine":
-        """Load from a local diffusers folder: bf16 on CUDA, float32 on CPU; never the network."""
+    def load(
+        cls, model_dir: Path, device: str, prompt_cache_size: int = 256, acceleration: AccelerationPlan | None = None
+    ) -> "ZImageEngine":
+        """Load from a local diffusers folder: bf16 on CUDA, float32 on CPU; never the network.
+        With an `acceleration` plan, its switches are applied before returning (pipelines/acceleration.py)."""
         from diffusers import ZImagePipeline
 
         started = time.perf_counter()
@@ -134,6 +139,8 @@ class ZImageEngine:
         pipe = ZImagePipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True, device_map=device)
         pipe.set_progress_bar_config(disable=True)
         engine = cls(pipe, ModelIdentity.from_dir(model_dir), device, prompt_cache_size)
+        if acceleration is not None:
+            engine.acceleration = accelerate(engine, acceleration)
         engine.load_seconds = time.perf_counter() - started
         log.info(
             "loaded Z-Image %s@%s on %s (%s) in %.2f s%s",
@@ -170,10 +177,11 @@ class ZImageEngine:
         # Pad to the longest prompt, not to 512: the encoder is causal, so padding changes nothing
         # in the kept rows, and short prompts skip hundreds of wasted token positions.
         tokens = tokenizer(chats, padding="longest", max_length=MAX_TEXT_TOKENS, truncation=True, return_tensors="pt")
-        ids = tokens.input_ids.to(self.device)
-        mask = tokens.attention_mask.to(self.device).bool()
-        hidden = self.pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
-        return [hidden[i][mask[i]] for i in range(len(prompts))]
+        encoder = self.pipe.text_encoder  # on the GPU, or kept on the CPU by TEXT_ENCODER_DEVICE=cpu
+        ids = tokens.input_ids.to(encoder.device)
+        mask = tokens.attention_mask.to(encoder.device).bool()
+        hidden = encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+        return [hidden[i][mask[i]].to(self.device, self.dtype) for i in range(len(prompts))]
 
     # -- stage 2: latents -----------------------------------------------------------------------
     def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:

@@ -48,6 +48,13 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name}: must be a boolean (1/0, true/false), got {raw!r}")
 
 
+def _auto_bool(env: Mapping[str, str], name: str) -> bool | None:
+    """A boolean that may also be left to the device: empty or "auto" gives None."""
+    if env.get(name, "").strip().lower() in ("", "auto"):
+        return None
+    return _bool(env, name, False)
+
+
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
     value = _text(env, name, default).lower()
     if value not in choices:
@@ -77,6 +84,15 @@ class Settings:
     pulid_model_dir: Path | None
     pulid_identity_cache: int
     pulid_start_step: int
+    # CUDA speed switches (docs/PERFORMANCE.md); None means "decided by the device".
+    attention_backend: str
+    compile: bool | None
+    compile_cache_dir: Path
+    fp8: bool
+    fp8_keep_last_blocks: int
+    fp8_min_psnr_db: int
+    text_encoder_device: str
+    warmup: bool | None
 
     @property
     def uses_demo_model(self) -> bool:
@@ -106,6 +122,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         pulid_model_dir=Path(pulid_dir) if (pulid_dir := _text(env, "PULID_MODEL_DIR", "")) else None,
         pulid_identity_cache=_int(env, "PULID_IDENTITY_CACHE", 32, 1, 10_000),
         pulid_start_step=_int(env, "PULID_START_STEP", 4, 0, 50),
+        attention_backend=_choice(env, "ATTENTION_BACKEND", "auto", ("auto", "flash3", "flash", "sdpa", "native")),
+        compile=_auto_bool(env, "COMPILE"),
+        compile_cache_dir=Path(_text(env, "COMPILE_CACHE_DIR", str(REPO_ROOT / ".cache" / "torch-compile"))),
+        fp8=_bool(env, "FP8", False),
+        fp8_keep_last_blocks=_int(env, "FP8_KEEP_LAST_BLOCKS", 4, 0, 64),
+        fp8_min_psnr_db=_int(env, "FP8_MIN_PSNR_DB", 30, 0, 100),
+        text_encoder_device=_choice(env, "TEXT_ENCODER_DEVICE", "gpu", ("gpu", "cpu")),
+        warmup=_auto_bool(env, "WARMUP"),
     )
 
 

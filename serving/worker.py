@@ -8,6 +8,7 @@ to the images that worked, and a summary closes every job that got past validati
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import platform
@@ -22,6 +23,7 @@ import torch
 
 from models.demo_pulid import ensure_demo_bundle
 from models.z_image_demo import ensure_demo_model
+from pipelines.acceleration import AccelerationPlan, save_compile_cache, warm_up
 from pipelines.identity import IdentityError, MultipleFaces
 from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
 from pipelines.samplers import SamplingStopped
@@ -46,6 +48,7 @@ ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]
 ACTIVATION_BYTES_PER_MEGAPIXEL = 4.5 * 2**30
 CPU_MAX_BATCH = 4
 REFERENCE_TIMEOUT_S = 30.0
+WARMUP_SIZE = 1024  # the schema's default width and height
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,16 @@ class Worker:
         """Load the models (real weights from MODEL_DIR, else the demo model) before any job."""
         device = pick_device(settings.device)
         model_dir = settings.model_dir or ensure_demo_model(settings.demo_model_dir)
-        engine = ZImageEngine.load(model_dir, device, settings.prompt_cache_size)
+        plan = AccelerationPlan.from_settings(settings, device)
+        engine = ZImageEngine.load(model_dir, device, settings.prompt_cache_size, plan)
         consistent, reason = cls._load_consistent(settings, device)
-        return cls(settings, engine, consistent, reason)
+        worker = cls(settings, engine, consistent, reason)
+        if plan.warmup:  # compile and autotune now, at the default size and every batch size, not in a job
+            spec = BatchSpec(WARMUP_SIZE, WARMUP_SIZE, 2, 0.0, "z-image-simple")
+            engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE,
+                                                    list(range(1, worker.max_batch_for(spec) + 1)))
+            save_compile_cache(plan.compile_cache_dir if plan.compile else None)
+        return worker
 
     @staticmethod
     def _load_consistent(settings: Settings, device: str) -> tuple[PuLIDFluxPipeline | None, str | None]:
@@ -448,6 +458,7 @@ class Worker:
             "gpu": torch.cuda.get_device_name(0) if self.engine.device.type == "cuda" else None,
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "load_seconds": round(self.engine.load_seconds, 3),
+            "acceleration": dataclasses.asdict(self.engine.acceleration),
             "versions": {
                 "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__, "runpod": runpod.__version__,

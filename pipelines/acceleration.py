@@ -1,0 +1,301 @@
+"""CUDA speed switches for the Z-Image engine: attention backend, regional compile, FP8, warm-up.
+
+The settings are resolved once into an `AccelerationPlan` for the device. On CPU the plan is all
+off and the engine runs plain diffusers code; on CUDA each switch has an off switch
+(docs/PERFORMANCE.md). Everything that can fail on a given GPU or software stack (a missing
+attention kernel, a kernel that refuses masks, FP8 that hurts quality) is tried once at load, with
+a log line saying what was chosen and why, so the first job never discovers it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from pipelines.z_image import ZImageEngine
+    from serving.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# (backend for unmasked calls, backend for masked calls), best first. FlashAttention kernels refuse
+# masks in diffusers' dispatch; their varlen siblings (or native SDPA) take them.
+BACKEND_CHAINS: dict[str, list[tuple[str, str]]] = {
+    "flash3": [("_flash_3", "_flash_varlen_3")],
+    "flash": [("flash", "flash_varlen")],
+    "sdpa": [("_native_cudnn", "native"), ("_native_flash", "native")],
+    "native": [("native", "native")],
+}
+AUTO_ORDER = ("flash3", "flash", "sdpa", "native")
+# One graph per (block kind, shape) until automatic dynamic shapes kick in; the default limit (8)
+# would silently drop blocks back to eager once a few text lengths and sizes have been seen.
+RECOMPILE_LIMIT = 64
+MEGA_CACHE_FILE = "mega-cache.bin"
+GUARD_PROMPT = "a portrait photo of a woman in a red wool coat on a city street, evening light"
+GUARD_SEEDS = (0, 1)
+GUARD_SIZE = 512
+GUARD_STEPS = 8
+
+
+@dataclass(frozen=True)
+class AccelerationPlan:
+    """The switches as they apply to one device (resolved from Settings, never from env here)."""
+
+    attention: str = "auto"
+    compile: bool = False
+    compile_cache_dir: Path | None = None
+    fp8: bool = False
+    fp8_keep_last_blocks: int = 4
+    fp8_min_psnr_db: float = 30.0
+    text_encoder_on_cpu: bool = False
+    warmup: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: "Settings", device: str) -> "AccelerationPlan":
+        """CUDA gets compile and warm-up by default; CPU refuses compile and FP8 with a log, not a crash."""
+        cuda = device == "cuda"
+        if settings.compile and not cuda:
+            log.warning("COMPILE=1 ignored on %s: regional compile is a CUDA switch", device)
+        if settings.fp8 and not cuda:
+            log.warning("FP8=1 refused on %s: float8 matmuls need a CUDA GPU with compute capability >= 8.9", device)
+        return cls(
+            attention=settings.attention_backend,
+            compile=cuda and settings.compile is not False,
+            compile_cache_dir=settings.compile_cache_dir,
+            fp8=cuda and settings.fp8,
+            fp8_keep_last_blocks=settings.fp8_keep_last_blocks,
+            fp8_min_psnr_db=float(settings.fp8_min_psnr_db),
+            text_encoder_on_cpu=cuda and settings.text_encoder_device == "cpu",
+            warmup=cuda and settings.warmup is not False,
+        )
+
+
+@dataclass
+class AccelerationReport:
+    """What load actually applied (shown in capabilities and the benchmark JSON)."""
+
+    attention: str = "default"
+    attention_masked: str = "default"
+    compiled: bool = False
+    fp8: bool = False
+    fp8_psnr_db: float | None = None
+    text_encoder_device: str = "same"
+    warmup_ms: dict[int, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# -- attention ---------------------------------------------------------------------------------
+class MaskRoutedAttnProcessor:
+    """Z-Image attention that sends unmasked calls to a fast kernel and masked calls to one that
+    accepts masks. Masks only appear when a batch mixes caption lengths (a CFG batch whose negative
+    prompt pads differently), so the common case keeps the fast kernel."""
+
+    def __init__(self, unmasked: str, masked: str) -> None:
+        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+        self.unmasked, self.masked = ZSingleStreamAttnProcessor(), ZSingleStreamAttnProcessor()
+        self.unmasked._attention_backend = unmasked
+        self.masked._attention_backend = masked
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
+        target = self.unmasked if attention_mask is None else self.masked
+        return target(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+
+
+def _attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    from diffusers.models.attention_processor import Attention
+
+    return [m for m in transformer.modules() if isinstance(m, Attention)]
+
+
+@torch.no_grad()
+def probe_attention(transformer: torch.nn.Module, masked: bool) -> None:
+    """One tiny forward; with `masked`, two captions of different padded lengths force a mask."""
+    config, weight = transformer.config, next(transformer.parameters())
+    count = 2 if masked else 1
+    latents = [torch.randn(config.in_channels, 1, 8, 8, device=weight.device, dtype=weight.dtype) for _ in range(count)]
+    captions = [torch.randn(20 + 30 * i, config.cap_feat_dim, device=weight.device, dtype=weight.dtype)
+                for i in range(count)]
+    timestep = torch.full((count,), 0.5, device=weight.device)
+    transformer(latents, timestep, captions, return_dict=False)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:160]
+
+
+def select_attention(transformer: torch.nn.Module, choice: str, report: AccelerationReport) -> None:
+    """Set the first backend of `choice` that runs here; route masked calls elsewhere if it refuses masks."""
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    for module in _attention_modules(transformer):  # a previous selection's router would hide the new backend
+        if isinstance(module.processor, MaskRoutedAttnProcessor):
+            module.set_processor(ZSingleStreamAttnProcessor())
+    order = AUTO_ORDER if choice == "auto" else tuple(dict.fromkeys((choice, "native")))
+    for unmasked, masked in [pair for name in order for pair in BACKEND_CHAINS[name]]:
+        try:
+            transformer.set_attention_backend(unmasked)
+            probe_attention(transformer, masked=False)
+        except (RuntimeError, ValueError, ImportError, AssertionError) as err:
+            report.notes.append(f"attention {unmasked} unavailable: {_first_line(err)}")
+            continue
+        try:
+            probe_attention(transformer, masked=True)
+            masked = unmasked
+        except (RuntimeError, ValueError) as err:
+            report.notes.append(f"attention {unmasked} refuses masks ({_first_line(err)}): masked calls use {masked}")
+            router = MaskRoutedAttnProcessor(unmasked, masked)
+            for module in _attention_modules(transformer):
+                module.set_processor(router)
+            probe_attention(transformer, masked=True)
+        report.attention, report.attention_masked = unmasked, masked
+        break
+    else:  # nothing ran, not even native SDPA: leave diffusers' default and say so
+        transformer.reset_attention_backend()
+    for note in report.notes:
+        log.info("%s", note)
+    log.info("attention backend: %s (masked batches: %s)", report.attention, report.attention_masked)
+
+
+# -- FP8 -----------------------------------------------------------------------------------------
+def fp8_target_names(transformer: torch.nn.Module, keep_last_blocks: int) -> list[str]:
+    """Linear layers of the main blocks, minus the sensitive ones: adaLN modulation and the last
+    `keep_last_blocks` blocks. Embedders, refiners and the final layer are never listed."""
+    quantized_blocks = len(transformer.layers) - keep_last_blocks
+    names = []
+    for name, module in transformer.named_modules():
+        parts = name.split(".")
+        if (isinstance(module, torch.nn.Linear) and parts[0] == "layers" and int(parts[1]) < quantized_blocks
+                and "adaLN_modulation" not in parts):
+            names.append(name)
+    return names
+
+
+def torchao_float8(transformer: torch.nn.Module, names: set[str]) -> None:
+    """Float8 dynamic activation + float8 weight, per-row scales (torchao; imported only when asked)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
+              filter_fn=lambda module, fqn: fqn in names)
+
+
+def psnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """PSNR of uint8 images; identical images give infinity."""
+    mse = float(np.mean((reference.astype(np.float64) - candidate.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def guard_images(engine: "ZImageEngine", size: int) -> np.ndarray:
+    """The fixed-seed images both precisions must agree on."""
+    from pipelines.z_image import BatchSpec, ImageItem
+
+    items = [ImageItem(GUARD_PROMPT, "", seed) for seed in GUARD_SEEDS]
+    return engine.generate(items, BatchSpec(size, size, GUARD_STEPS, 0.0, "z-image-simple")).images
+
+
+def apply_fp8_guarded(
+    engine: "ZImageEngine", plan: AccelerationPlan, report: AccelerationReport,
+    quantize: Callable[[torch.nn.Module, set[str]], None] = torchao_float8, size: int = GUARD_SIZE,
+) -> None:
+    """Quantize, compare the guard images with bf16, and put the bf16 weights back if PSNR is too low."""
+    transformer = engine.pipe.transformer
+    names = fp8_target_names(transformer, plan.fp8_keep_last_blocks)
+    reference = guard_images(engine, size)
+    originals = {name: transformer.get_submodule(name).weight for name in names}
+    try:  # float8 kernels fail at the first matmul on GPUs below SM 8.9: render inside the try
+        quantize(transformer, set(names))
+        score = psnr_db(reference, guard_images(engine, size))
+    except (ImportError, RuntimeError, ValueError) as err:
+        report.notes.append(f"FP8 refused: {type(err).__name__}: {err}")
+        log.warning("FP8 refused, serving bf16: %s: %s", type(err).__name__, err)
+        _restore(transformer, originals)
+        return
+    report.fp8_psnr_db = round(score, 2)
+    if score < plan.fp8_min_psnr_db:
+        _restore(transformer, originals)
+        report.notes.append(f"FP8 refused: guard PSNR {score:.1f} dB < FP8_MIN_PSNR_DB={plan.fp8_min_psnr_db:g}")
+        log.warning("FP8 refused, serving bf16: guard PSNR %.1f dB < %g dB", score, plan.fp8_min_psnr_db)
+        return
+    report.fp8 = True
+    log.info("FP8 on for %d linear layers (last %d blocks bf16); guard PSNR %.1f dB",
+             len(names), plan.fp8_keep_last_blocks, score)
+
+
+def _restore(transformer: torch.nn.Module, originals: dict[str, torch.nn.Parameter]) -> None:
+    for name, weight in originals.items():
+        transformer.get_submodule(name).weight = weight
+
+
+# -- compile -------------------------------------------------------------------------------------
+def compile_blocks(transformer: torch.nn.Module, cache_dir: Path | None, report: AccelerationReport) -> None:
+    """Regional compile of the repeated blocks, with the inductor cache (and a saved mega-cache)
+    in `cache_dir` so a restarted worker reuses the kernels instead of compiling again.
+
+    dynamic=None (automatic dynamic shapes): the first shape a block sees compiles fully static
+    (batch 1 at the default size, the latency-critical case); the first change of a dimension
+    (batch 2, another caption length or size) recompiles once with that dimension symbolic, which
+    then serves every other value. dynamic=False would compile every batch size and caption
+    length separately (minutes of warm-up); marking dims dynamic by hand is not possible from
+    outside, because the batched tensors are built inside the transformer's forward."""
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
+        mega = cache_dir / MEGA_CACHE_FILE
+        if mega.is_file():
+            torch.compiler.load_cache_artifacts(mega.read_bytes())
+            report.notes.append(f"compile cache loaded from {mega}")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=None)
+    report.compiled = True
+
+
+def save_compile_cache(cache_dir: Path | None) -> Path | None:
+    """Write the mega-cache (inductor, autotune and dynamo artifacts) atomically after warm-up."""
+    artifacts = torch.compiler.save_cache_artifacts() if cache_dir is not None else None
+    if not artifacts:
+        return None
+    target = cache_dir / MEGA_CACHE_FILE
+    staging = target.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_bytes(artifacts[0])
+    os.replace(staging, target)
+    log.info("compile cache saved to %s (%d bytes)", target, len(artifacts[0]))
+    return target
+
+
+# -- entry points ----------------------------------------------------------------------------------
+def accelerate(engine: "ZImageEngine", plan: AccelerationPlan) -> AccelerationReport:
+    """Apply the plan to a freshly loaded engine; order matters: text encoder placement, attention
+    (probed eagerly), FP8 (its guard needs the eager model), then compile."""
+    report = AccelerationReport()
+    if plan.text_encoder_on_cpu:
+        engine.pipe.text_encoder.to("cpu")
+        report.text_encoder_device = "cpu"
+    if plan.attention != "auto" or engine.device.type == "cuda":
+        select_attention(engine.pipe.transformer, plan.attention, report)
+    if plan.fp8:
+        apply_fp8_guarded(engine, plan, report)
+    if plan.compile:
+        compile_blocks(engine.pipe.transformer, plan.compile_cache_dir, report)
+    return report
+
+
+def warm_up(engine: "ZImageEngine", width: int, height: int, batch_sizes: list[int], steps: int = 2) -> dict[int, float]:
+    """One generation per batch size, smallest first, so compiles, autotuning and allocator growth
+    happen before the first job (batch 1 compiles static, batch 2 once with a symbolic batch)."""
+    from pipelines.z_image import BatchSpec, ImageItem
+
+    spent: dict[int, float] = {}
+    for size in batch_sizes:
+        started = time.perf_counter()
+        engine.generate([ImageItem("warm-up", "", seed) for seed in range(size)],
+                        BatchSpec(width, height, steps, 0.0, "z-image-simple"))
+        spent[size] = round((time.perf_counter() - started) * 1000, 1)
+        log.info("warm-up batch %d at %dx%d: %.0f ms", size, width, height, spent[size])
+    return spent
