@@ -128,8 +128,8 @@ def test_test_input_command_line_saves_images(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     saved = sorted(p.name for p in (tmp_path / "local_test").iterdir())
     assert saved == ["00-5.png", "01-6.png"]
-    assert "base64_chars" in done.stdout and '"base64"' not in done.stdout
-    assert "base64" not in done.stderr.replace("base64_chars", "")
+    assert "base64_chars" in done.stdout and '"base64": "' not in done.stdout
+    assert "iVBORw0KGgo" not in done.stdout + done.stderr  # no PNG payload printed or logged
 
 
 def test_test_input_command_line_reports_bad_input(tmp_path):
