@@ -198,9 +198,10 @@ class ZImageEngine:
         """v(x, sigma) as ZImagePipeline computes it, with classifier-free guidance when asked."""
         transformer = self.pipe.transformer
 
-        def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             batch = x.shape[0]
-            model_t = torch.full((batch,), 1.0 - sigma, device=x.device, dtype=torch.float32)
+            # the pipeline's timestep arithmetic, in float32: t = sigma*1000, model sees (1000 - t)/1000
+            model_t = ((1000 - sigma.to(x.device) * 1000) / 1000).expand(batch)
             latents = x.to(self.dtype)
             embeds = text
             if negative is not None:

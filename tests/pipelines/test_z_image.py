@@ -1,0 +1,56 @@
+"""The Z-Image engine on the demo model: faithful to diffusers, batch-safe, caching text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.z_image import BatchSpec, ImageItem
+from tests.conftest import assert_regenerates
+
+
+@pytest.fixture(scope="module")
+def engine(handler_module):
+    return handler_module.WORKER.engine
+
+
+@pytest.mark.parametrize("guidance", [0.0, 2.5])
+def test_simple_workflow_reproduces_diffusers_pipeline_pixels(engine, guidance):
+    ours = engine.generate([ImageItem("a cat", "blurry", 5)], BatchSpec(64, 64, 4, guidance, "z-image-simple")).images[0]
+    reference = engine.pipe(
+        "a cat", negative_prompt="blurry", height=64, width=64, num_inference_steps=4, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(5), output_type="np",
+    ).images[0]
+    assert np.array_equal(ours, (reference * 255).round().astype(np.uint8))
+
+
+def test_batched_images_equal_their_single_runs(engine):
+    spec = BatchSpec(64, 64, 2, 0.0, "z-image-danrisi")
+    batch = engine.generate([ImageItem("a dog", "", seed) for seed in (1, 2, 3)], spec).images
+    for position, seed in enumerate((1, 2, 3)):
+        assert_regenerates(batch[position], engine.generate([ImageItem("a dog", "", seed)], spec).images[0])
+
+
+def test_prompts_of_one_length_bucket_batch_without_changing_pixels(engine):
+    """Different prompts that pad to the same caption length share a batch exactly like running alone."""
+    first, second = "a red car", "a big dog"
+    assert engine.text_length_bucket(first) == engine.text_length_bucket(second)
+    spec = BatchSpec(64, 64, 2, 0.0, "z-image-simple")
+    batch = engine.generate([ImageItem(first, "", 9), ImageItem(second, "", 9)], spec).images
+    assert_regenerates(batch[1], engine.generate([ImageItem(second, "", 9)], spec).images[0])
+    assert engine.text_length_bucket("word " * 40) > engine.text_length_bucket(first)
+
+
+def test_identical_prompts_are_encoded_once(engine):
+    prompt = "a unique character prompt for the cache test"
+    misses = engine.prompt_cache.misses
+    engine.encode_prompts([prompt] * 8)
+    engine.encode_prompts([prompt])
+    assert engine.prompt_cache.misses == misses + 1
+
+
+def test_stage_timings_are_reported(engine):
+    result = engine.generate([ImageItem("a hill", "", 1)], BatchSpec(64, 64, 1, 0.0, "z-image-simple"))
+    assert set(result.timings_ms) == {"text_encoding", "denoising", "decoding"}
+    assert result.images.shape == (1, 64, 64, 3) and result.images.dtype == np.uint8
