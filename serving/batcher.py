@@ -6,8 +6,9 @@ fetching, heartbeats, cancellation, streaming) never waits on the model.
 - Compatible images (same `group`: size, steps, sampler, guidance, mode and text length bucket)
   from different jobs share a pipeline call, up to `max_batch_for(spec)` images, after a bounded
   wait for more work to arrive.
-- Fair: the job served least recently picks the next group, and a batch takes images from its
-  jobs in turn, so a small job waits behind a large one for at most one batch.
+- Fair: the job served least recently (a new job before any served one) picks the next group,
+  and a batch takes images from its jobs in turn, so a small job waits behind a large one for at
+  most one batch.
 - Isolated: a failed batch is retried one image at a time, an out-of-memory batch is split in
   halves, a cancelled job's images leave the queue and its batch stops at the next model call
   once no other job needs it. An unrecoverable device error is reported to `on_fatal`.
@@ -55,7 +56,13 @@ class JobTicket:
     on_outcome: Callable[[ImageOutcome], None]
     pending: deque[tuple[int, ImageItem]] = field(default_factory=deque)
     cancelled: bool = False
-    last_served: float = field(default_factory=time.monotonic)
+    last_served: float = 0.0  # never served yet: first in line, in the order jobs arrived
+    arrival: int = 0
+
+
+def _service_order(ticket: JobTicket) -> tuple[float, int]:
+    """Least recently served first; jobs not served yet before all others, oldest first."""
+    return ticket.last_served, ticket.arrival
 
 
 class Batcher:
@@ -77,6 +84,7 @@ class Batcher:
         self._is_fatal = is_fatal
         self._on_fatal = on_fatal
         self._tickets: dict[str, JobTicket] = {}
+        self._arrivals = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="gpu-batcher", daemon=True)
@@ -88,8 +96,9 @@ class Batcher:
         on_outcome: Callable[[ImageOutcome], None],
     ) -> JobTicket:
         """Queue a job's images, each with its index in the job."""
-        ticket = JobTicket(job_id, spec, group, on_outcome, deque(items))
         with self._cond:
+            self._arrivals += 1
+            ticket = JobTicket(job_id, spec, group, on_outcome, deque(items), arrival=self._arrivals)
             if job_id in self._tickets:
                 raise ValueError(f"job {job_id} is already scheduled")
             self._tickets[job_id] = ticket
@@ -137,7 +146,7 @@ class Batcher:
                     self._cond.wait()
                 if self._stopping:
                     return None
-                first = min(self._waiting_tickets(), key=lambda t: t.last_served)
+                first = min(self._waiting_tickets(), key=_service_order)
                 limit = max(1, self._max_batch_for(first.spec))
                 deadline = time.monotonic() + self._wait_s
                 while self._count(first.group) < limit and not self._stopping:
@@ -157,7 +166,7 @@ class Batcher:
 
     def _take(self, group: Hashable, limit: int) -> list[tuple[JobTicket, int, ImageItem]]:
         """Up to `limit` images of `group`, one job at a time in turn, least recently served first."""
-        jobs = sorted((t for t in self._waiting_tickets() if t.group == group), key=lambda t: t.last_served)
+        jobs = sorted((t for t in self._waiting_tickets() if t.group == group), key=_service_order)
         members: list[tuple[JobTicket, int, ImageItem]] = []
         while len(members) < limit and any(t.pending for t in jobs):
             for ticket in jobs:
