@@ -25,12 +25,15 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, AsyncIterator  # noqa: E402
 
+import runpod.serverless  # noqa: E402
+
 from serving.local_run import run_local_job  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.worker import Worker  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+SDK_PROGRESS_MODULE = "runpod.serverless.modules.rp_progress"
 WORKER = Worker.start(load_settings())
 CONFIG: dict[str, Any] = {}
 
@@ -43,6 +46,18 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     finally:
         if WORKER.needs_refresh:
             CONFIG["refresh_worker"] = True  # the SDK stops this pod after the job; RunPod starts a fresh one
+
+
+def report_progress(job: dict[str, Any], payload: dict[str, Any]) -> None:
+    """`completed/total` for /status while a job runs, through RunPod's progress_update, looked up
+    per call: on RunPod it posts to the platform; the local endpoint swaps in a router that records
+    it (docs/ENDPOINT.md). Elsewhere the SDK's original would only post to nowhere, so skip it."""
+    publish = runpod.serverless.progress_update
+    if _on_runpod() or publish.__module__ != SDK_PROGRESS_MODULE:
+        publish(job, payload)
+
+
+WORKER.progress_sink = report_progress
 
 
 def concurrency_modifier(current: int) -> int:
@@ -60,12 +75,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output_dir", default="outputs", help="where a local run saves its images")
     args, _ = parser.parse_known_args(argv)
     if args.test_input is None and (_on_runpod() or not Path("test_input.json").is_file()):
-        import runpod
-
-        if _on_runpod():
-            from runpod.serverless import progress_update
-
-            WORKER.progress_sink = progress_update
         CONFIG.update(handler=handler, concurrency_modifier=concurrency_modifier, return_aggregate_stream=True)
         runpod.serverless.start(CONFIG)
         return 0

@@ -301,9 +301,9 @@ class Worker:
         """Images merge only when their text lengths pad alike, so a merged batch runs the model on
         the same token layout as each job alone (no cross-image attention padding)."""
         spec, request = plan.spec, plan.request
-        texts = [request.prompt] + ([request.negative_prompt] if spec.guidance_scale > 0 else [])
         if isinstance(spec, ConsistentSpec):
             return (spec,)
+        texts = [request.prompt] + ([request.negative_prompt] if spec.guidance_scale > 0 else [])
         return (spec, tuple(self.engine.text_length_bucket(t) for t in texts))
 
     def _model_identity(self) -> dict[str, Any]:
