@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1
+# RunPod serverless worker for Z-Image-Turbo, weights baked in (docs/DEPLOY.md).
+#   docker build -t z-image-worker .                                    # fast mode only
+#   docker build --build-arg WITH_PULID=1 --secret id=hf_token,env=HF_TOKEN -t z-image-worker:pulid .
+#
+# CUDA "base" is enough: the torch cu128 wheels bring their own CUDA/cuDNN libraries; the driver
+# comes from the host. Pin the digest too once you have pulled it (docker buildx imagetools inspect).
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+# python3-dev + g++: torch.compile (Triton, Inductor) builds small C extensions at run time.
+# libgl1 + libglib2.0-0: opencv-python (insightface) needs libGL.so.1 at import.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ libgl1 libglib2.0-0 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+
+WORKDIR /app
+COPY requirements.txt .
+# The CUDA build of the pinned torch first; requirements.txt's torch==2.13.0 is then already met.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 \
+    && pip install -r requirements.txt
+
+# Weights before the code, so a code change does not download them again.
+ARG WITH_PULID=0
+ARG ALLOW_UNPINNED=0
+COPY builder/ builder/
+RUN --mount=type=secret,id=hf_token,required=false \
+    HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
+    python builder/fetch_models.py --target /models \
+        $([ "$WITH_PULID" = 1 ] && echo --with-pulid) \
+        $([ "$ALLOW_UNPINNED" = 1 ] && echo --allow-unpinned)
+
+COPY . .
+
+ENV MODEL_DIR=/models/z-image-turbo \
+    PULID_MODEL_DIR=/models/pulid-flux \
+    PULID_ENABLED=${WITH_PULID} \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    RUNPOD_LOG_LEVEL=INFO \
+    COMPILE_CACHE_DIR=/cache/torch-compile \
+    PYTHONUNBUFFERED=1
+
+CMD ["python", "-u", "handler.py"]
