@@ -33,6 +33,21 @@ logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name
 
 WORKER = Worker.start(load_settings())
 CONFIG: dict[str, Any] = {}
+SDK_PROGRESS_MODULE = "runpod.serverless.modules.rp_progress"
+
+
+def send_progress(job: dict[str, Any], payload: dict[str, Any]) -> None:
+    """Progress through the SDK's public `runpod.serverless.progress_update`, looked up per call: on
+    RunPod it posts to the API; the local endpoint swaps that name for its router (docs/ENDPOINT.md,
+    whenever the handler was imported). Anywhere else the SDK could only log a failed post: skipped."""
+    import runpod.serverless
+
+    update = runpod.serverless.progress_update
+    if _on_runpod() or getattr(update, "__module__", SDK_PROGRESS_MODULE) != SDK_PROGRESS_MODULE:
+        update(job, payload)
+
+
+WORKER.progress_sink = send_progress
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -62,10 +77,6 @@ def main(argv: list[str]) -> int:
     if args.test_input is None and (_on_runpod() or not Path("test_input.json").is_file()):
         import runpod
 
-        if _on_runpod():
-            from runpod.serverless import progress_update
-
-            WORKER.progress_sink = progress_update
         CONFIG.update(handler=handler, concurrency_modifier=concurrency_modifier, return_aggregate_stream=True)
         runpod.serverless.start(CONFIG)
         return 0
