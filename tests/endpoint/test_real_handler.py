@@ -174,7 +174,7 @@ def test_smoke_benchmark_against_the_real_handler(
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
     started = time.monotonic()
     rc = cli.main(["--config", str(ROOT / "benchmarks" / "smoke.json"), "--base-url", f"{real.base_url}/local",
-                   "--out-dir", str(tmp_path), "--no-progress"])
+                   "--out-dir", str(tmp_path), "--no-progress", "--repetitions", "1"])
     assert rc == 0
     assert time.monotonic() - started < 60
     [report_path] = tmp_path.glob("*.json")
@@ -182,7 +182,8 @@ def test_smoke_benchmark_against_the_real_handler(
     assert report["capabilities"]["limits"]["num_images"] == [1, 16]
     assert report["skipped"] == []  # the demo worker offers both workflows and fast mode
     runs = report["runs"]
-    assert len(runs) == 10 * 2  # (2 workflows x 2 sizes of job x 2 concurrencies + 2 wizard steps) x 2 repetitions
+    assert report["config"]["repetitions"] == 1  # --repetitions overrides the config's 2
+    assert len(runs) == 10  # 2 workflows x 2 sizes of job x 2 concurrencies + 2 wizard steps
     for run in runs:
         assert RECORD_FIELDS <= set(run)
         assert run["failures"] == [] and run["ok"]
