@@ -1,4 +1,5 @@
 # Two commands on a fresh machine: `make run` and `make test`. `make setup` prepares .venv alone.
+# `make bench`: the in-process batching benchmark at its defaults (docs/BENCHMARKS.md, ~1 min on 2 cores).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,6 +22,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) scripts/bench_batching.py
 
 clean:
 	rm -rf $(VENV) .cache outputs tmp

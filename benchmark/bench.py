@@ -38,11 +38,28 @@ def skip_reason(perm: Permutation, capabilities: dict[str, Any]) -> str | None:
         if not entry.get("available"):
             return f"{kind[:-1]} {name!r} unavailable: {entry.get('reason') or 'no reason given'}"
     limits = capabilities.get("limits") or {}
-    for limit, value in (("max_num_images", perm.num_images), ("max_width", perm.width),
-                         ("max_height", perm.height), ("max_steps", perm.steps)):
-        if isinstance(limits.get(limit), int) and value > limits[limit]:
-            return f"{limit.removeprefix('max_')} {value} > endpoint limit {limits[limit]}"
+    for name, limit, value in (("num_images", "num_images", perm.num_images), ("width", "side", perm.width),
+                               ("height", "side", perm.height), ("steps", "steps", perm.steps)):
+        low, high = _range(limits.get(limit))
+        if low is not None and value < low:
+            return f"{name} {value} < endpoint limit {low}"
+        if high is not None and value > high:
+            return f"{name} {value} > endpoint limit {high}"
+    max_pixels = limits.get("max_pixels")
+    if _is_int(max_pixels) and perm.width * perm.height > max_pixels:
+        return f"width x height {perm.width * perm.height} > endpoint limit max_pixels {max_pixels}"
     return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _range(value: Any) -> tuple[int | None, int | None]:
+    """A capabilities limit `[low, high]` (the worker's shape); anything else limits nothing."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value):
+        return value[0], value[1]
+    return None, None
 
 
 def run_record(perm: Permutation, repetition: int, outcomes: list[Any], started: str) -> dict[str, Any]:

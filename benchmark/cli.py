@@ -11,7 +11,7 @@ from pathlib import Path
 
 from benchmark.bench import Benchmark, BenchmarkError
 from benchmark.client import RUNPOD_API_BASE, EndpointClient
-from benchmark.config import load_config
+from benchmark.config import BenchmarkConfig, load_config
 from benchmark.report import format_table, plot, summarize, write_report
 
 DEFAULT_CONFIG = Path("benchmarks/wizard.json")
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--plot", action="store_true", help="also write the latency distributions as PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--repetitions", type=int, help="override the config's repetitions (1..100)")
     return parser.parse_args(argv)
 
 
@@ -38,6 +39,8 @@ async def _run(bench: Benchmark, client: EndpointClient) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = load_config(args.config)
+    if args.repetitions is not None:  # validated again: the run count must stay within limits.max_runs
+        config = BenchmarkConfig.model_validate({**config.model_dump(), "repetitions": args.repetitions})
     api_key = os.environ.get("RUNPOD_API_KEY") or None
     if args.endpoint_id and not api_key:
         print("RUNPOD_API_KEY is required with --endpoint-id", file=sys.stderr)

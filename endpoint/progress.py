@@ -3,7 +3,9 @@
 On RunPod, progress_update posts `{"status": "IN_PROGRESS", "output": payload}` for the job and
 clients see the payload as /status output while it runs. Locally the SDK's post goes nowhere, so
 the server swaps the public name for a router: jobs this server owns update their record (from
-any thread, via the loop), every other job id goes to the SDK's original function unchanged.
+any thread, via the loop), every other job id goes to the SDK's original function unchanged
+where the SDK has an API to post to (RUNPOD_WEBHOOK_POST_OUTPUT set), else it is dropped (the SDK
+would only log a failed post).
 The swap must happen before the handler module is imported, in case it binds the name with
 `from runpod.serverless import progress_update`; `endpoint.loader` does that.
 """
@@ -11,6 +13,7 @@ The swap must happen before the handler module is imported, in case it binds the
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any, Callable
 
 import runpod.serverless
@@ -31,7 +34,8 @@ def progress_update(job: dict[str, Any], progress: Any) -> None:
         if record is not None:
             loop.call_soon_threadsafe(record.set_progress, progress)
             return
-    SDK_PROGRESS_UPDATE(job, progress)
+    if os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):  # the SDK has somewhere to post it
+        SDK_PROGRESS_UPDATE(job, progress)
 
 
 def install() -> None:

@@ -32,10 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--base-url", help="a running endpoint, including its id (then RUNPOD_API_KEY if needed)")
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--bad-every", type=int, default=LoadPlan.bad_every, help="every n-th job has a bad input")
+    parser.add_argument("--cancel-every", type=int, default=LoadPlan.cancel_every,
+                        help="every n-th job is cancelled after submission")
     args = parser.parse_args(argv)
     if not 1 <= args.jobs <= 10_000 or not 1 <= args.concurrency <= 256:
         parser.error("--jobs must be 1..10000 and --concurrency 1..256")
-    plan = LoadPlan(jobs=args.jobs, concurrency=args.concurrency)
+    if args.bad_every < 1 or args.cancel_every < 1:
+        parser.error("--bad-every and --cancel-every must be at least 1")
+    plan = LoadPlan(jobs=args.jobs, concurrency=args.concurrency, bad_every=args.bad_every,
+                    cancel_every=args.cancel_every)
     with ExitStack() as stack:
         if args.base_url:
             base_url, api_key = args.base_url, os.environ.get("RUNPOD_API_KEY")

@@ -95,6 +95,12 @@ def test_capabilities_decide_what_is_skipped() -> None:
     assert "unavailable: fixture: no PuLID" in skip_reason(Permutation(**{**perm.settings(), "mode": "consistent"}), caps)
     assert "not offered" in skip_reason(Permutation(**{**perm.settings(), "workflow": "other"}), caps)
     assert skip_reason(Permutation(**{**perm.settings(), "num_images": 17}), caps) == "num_images 17 > endpoint limit 16"
+    assert skip_reason(Permutation(**{**perm.settings(), "width": 4096}), caps) == "width 4096 > endpoint limit 2048"
+    assert skip_reason(Permutation(**{**perm.settings(), "height": 8}), caps) == "height 8 < endpoint limit 16"
+    assert skip_reason(Permutation(**{**perm.settings(), "steps": 51}), caps) == "steps 51 > endpoint limit 50"
+    small = {**caps, "limits": {**caps["limits"], "max_pixels": 1024 * 512}}
+    assert skip_reason(perm, small) == "width x height 1048576 > endpoint limit max_pixels 524288"
+    assert skip_reason(perm, {**caps, "limits": {}}) is None  # no limits given: nothing skipped for them
 
 
 def test_failed_runs_count_as_infinitely_slow_against_targets() -> None:

@@ -21,17 +21,37 @@ MAX_DELAY_S = 5.0
 MAX_IMAGES = 16
 MAX_SIDE = 2048
 
+MIN_SIDE = 16
+MAX_STEPS = 50
+MAX_PIXELS = 2048 * 2048
+
+# The real worker's capabilities shape (serving/worker.py `Worker.capabilities`; the real-handler
+# tests check the keys match), with fixture values.
 CAPABILITIES: dict[str, Any] = {
+    "model": {"id": "fixture", "revision": "none", "demo": True},
     "workflows": [
         {"name": "z-image-simple", "available": True, "reason": None},
-        {"name": "auto", "available": True, "reason": None},
         {"name": "z-image-danrisi", "available": False, "reason": "fixture: not offered"},
+        {"name": "auto", "available": True, "reason": None, "resolves_to": "z-image-simple"},
     ],
     "modes": [
         {"name": "fast", "available": True, "reason": None},
         {"name": "consistent", "available": False, "reason": "fixture: no PuLID weights"},
     ],
-    "limits": {"max_num_images": MAX_IMAGES, "max_width": MAX_SIDE, "max_height": MAX_SIDE, "max_steps": 50},
+    "delivery": {"base64": True, "url": False, "url_with_job_s3Config": False, "result_cache": False},
+    "limits": {
+        "num_images": [1, MAX_IMAGES], "side": [MIN_SIDE, MAX_SIDE], "size_multiple": 16, "max_pixels": MAX_PIXELS,
+        "steps": [1, MAX_STEPS], "guidance_scale": [0, 20.0], "prompt_chars": 2000, "seed": [0, 2**32 - 1],
+        "aspect_ratios": ["1:1"], "output_formats": ["png", "webp", "jpeg"], "job_timeout_s": 600,
+        "id_weight": [0, 3.0], "max_response_bytes": 10 * 2**20,
+    },
+    "batching": {"max_batch_1024": 1, "wait_ms": 0, "concurrency": CONCURRENCY},
+    "device": "cpu",
+    "gpu": None,
+    "dtype": "float32",
+    "load_seconds": 0.0,
+    "acceleration": {},
+    "versions": {},
 }
 
 
@@ -51,8 +71,8 @@ def _invalid(inp: Any) -> str | None:
         return f"invalid_input: num_images: integer 1..{MAX_IMAGES}"
     for side in ("width", "height"):
         value = inp.get(side, 64)
-        if not isinstance(value, int) or value % 16 or not 16 <= value <= MAX_SIDE:
-            return f"invalid_input: {side}: multiple of 16 in 16..{MAX_SIDE}"
+        if not isinstance(value, int) or value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
+            return f"invalid_input: {side}: multiple of 16 in {MIN_SIDE}..{MAX_SIDE}"
     delay = inp.get("delay_s", DEFAULT_DELAY_S)
     if not isinstance(delay, (int, float)) or not 0 <= delay <= MAX_DELAY_S:
         return f"invalid_input: delay_s: number 0..{MAX_DELAY_S}"
