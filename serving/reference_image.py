@@ -111,10 +111,13 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 def fetch_https(url: str) -> bytes:
     """GET an https URL: public targets only, bounded redirects, size and time."""
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or 443
+        except ValueError:  # a bad port or a broken IPv6 literal, in the request or a redirect
+            raise _invalid("is not a valid URL") from None
         if parts.scheme != "https" or not parts.hostname:
             raise _invalid("URLs must use https")
-        port = parts.port or 443
         address = _resolve_public(parts.hostname, port)
         connection = _PinnedHTTPSConnection(parts.hostname, address, port, FETCH_TIMEOUT_S)
         try:
