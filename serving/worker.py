@@ -29,7 +29,7 @@ from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
 from pipelines.samplers import SamplingStopped
 from pipelines.z_image import BatchResult, BatchSpec, ImageItem, ZImageEngine, pick_device
 from serving.batcher import Batcher, ImageOutcome
-from serving.delivery import Delivery
+from serving.delivery import Delivered, Delivery
 from serving.errors import JobError
 from serving.outputs import encode_image, image_chunk, image_error_chunk
 from serving.reference_image import load_reference_image
@@ -319,16 +319,23 @@ class Worker:
         finished: asyncio.Queue[tuple[ImageOutcome, Any, float]] = asyncio.Queue()
 
         def post_process(outcome: ImageOutcome) -> tuple[ImageOutcome, Any, float]:
-            """Runs in the encode pool, while the GPU thread goes on with the next batch."""
+            """Runs in the encode pool, while the GPU thread goes on with the next batch. Never
+            raises: an exception here would leave the image missing until JOB_TIMEOUT_S."""
             if outcome.pixels is None:
                 return outcome, None, 0.0
             begun = time.perf_counter()
-            data = encode_image(outcome.pixels, request.output_format, request.output_quality)
-            encode_ms = (time.perf_counter() - begun) * 1000
-            delivered = plan.delivery.deliver(
-                job_id, outcome.index, outcome.seed, spec.width, spec.height, request.output_format, data,
-                plan.cache_params(items[outcome.index], model),
-            )
+            try:
+                data = encode_image(outcome.pixels, request.output_format, request.output_quality)
+                encode_ms = (time.perf_counter() - begun) * 1000
+                delivered = plan.delivery.deliver(
+                    job_id, outcome.index, outcome.seed, spec.width, spec.height, request.output_format, data,
+                    plan.cache_params(items[outcome.index], model),
+                )
+            except Exception as err:  # noqa: BLE001 - one image's failure, reported as that image's error
+                log.exception("job %s: encoding or delivering image %d failed", job_id, outcome.index)
+                delivered = Delivered(error_code="internal_error",
+                                      error_message=f"{type(err).__name__} while encoding or delivering this image")
+                encode_ms = (time.perf_counter() - begun) * 1000
             return outcome, delivered, encode_ms
 
         def on_outcome(outcome: ImageOutcome) -> None:
