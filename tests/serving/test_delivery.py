@@ -310,3 +310,23 @@ def test_upload_failure_that_does_not_fit_inline_is_a_named_image_error():
 def test_url_delivery_needs_a_store():
     with pytest.raises(JobError, match="url delivery needs storage"):
         Delivery.plan("url", None, 2**20, 64 * 64, 1, "png")
+
+
+def test_an_encode_or_delivery_crash_is_that_images_error_not_a_hung_job(worker, monkeypatch):
+    import serving.worker as worker_module
+
+    real, calls, lock = worker_module.encode_image, [], threading.Lock()
+
+    def flaky(*args, **kwargs):
+        with lock:
+            calls.append(1)
+            if len(calls) == 2:
+                raise MemoryError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "encode_image", flaky)
+    result = run(worker, {"prompt": "a paper boat", "num_images": 3, "seed": 60, "delivery": "url", **SMALL})
+    assert len(result["images"]) == 2 and len(result["errors"]) == 1
+    (error,) = result["errors"]
+    assert error["code"] == "internal_error" and "MemoryError" in error["message"]  # not "timeout" after JOB_TIMEOUT_S
+    assert result["timings_ms"]["total"] < 30_000
