@@ -330,3 +330,15 @@ def test_an_encode_or_delivery_crash_is_that_images_error_not_a_hung_job(worker,
     (error,) = result["errors"]
     assert error["code"] == "internal_error" and "MemoryError" in error["message"]  # not "timeout" after JOB_TIMEOUT_S
     assert result["timings_ms"]["total"] < 30_000
+
+
+def test_cache_key_covers_the_numerics_that_change_pixels(worker, monkeypatch):
+    job = {"prompt": "a tin robot", "seed": 1000, "delivery": "url", **SMALL}
+    assert run(worker, job)["images_from_cache"] == 0
+    assert run(worker, job)["images_from_cache"] == 1
+    # the same model with FP8 weights makes other pixels: it must not be served this worker's images
+    monkeypatch.setattr(worker.engine.acceleration, "fp8", True)
+    assert run(worker, job)["images_from_cache"] == 0
+    monkeypatch.setattr(worker.engine.acceleration, "fp8", False)
+    monkeypatch.setattr(worker.engine, "dtype", __import__("torch").bfloat16)
+    assert run(worker, job)["images_from_cache"] == 0
