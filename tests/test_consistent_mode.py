@@ -130,3 +130,30 @@ def test_fallback_fast_runs_fast_mode_and_says_so(fast_only):
     assert "identity_cache_hit" not in fell_back and fell_back["workflow"].startswith("z-image")
     fast = run(fast_only, {"prompt": PROMPT, "seed": 11, "width": 64, "height": 64, "steps": 2})
     assert np.array_equal(pixels(fell_back["images"][0]), pixels(fast["images"][0]))  # exactly the fast image
+
+
+# -- batching across jobs --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def patient() -> Worker:
+    """Consistent mode on, and a batch waits long enough for concurrent jobs to join it."""
+    return Worker.start(load_settings({"BATCH_WAIT_MS": "400", "MAX_BATCH": "4"}))
+
+
+def run_together(worker: Worker, *inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    async def go():
+        return await asyncio.gather(*(collect(worker.run_job, {"id": f"j{i}", "input": job})
+                                      for i, job in enumerate(inputs)))
+
+    return asyncio.run(go())
+
+
+def test_concurrent_consistent_jobs_share_a_batch_and_keep_their_seeds(patient):
+    other_face = png_b64(face(7))
+    a, b, c = run_together(patient, consistent(seed=21, identity_start_step=0), consistent(seed=22, identity_start_step=0),
+                           consistent(seed=23, identity_start_step=0, reference_image=other_face))
+    assert a["batch_sizes"] == b["batch_sizes"] == [2]  # same size, steps and reference: one call
+    assert c["batch_sizes"] == [1]  # another reference never joins them
+    alone_a, alone_c = run_together(patient, consistent(seed=21, identity_start_step=0),
+                                    consistent(seed=23, identity_start_step=0, reference_image=other_face))
+    assert_regenerates(pixels(a["images"][0]), pixels(alone_a["images"][0]))
+    assert np.array_equal(pixels(c["images"][0]), pixels(alone_c["images"][0]))

@@ -342,3 +342,34 @@ def test_cache_key_covers_the_numerics_that_change_pixels(worker, monkeypatch):
     monkeypatch.setattr(worker.engine.acceleration, "fp8", False)
     monkeypatch.setattr(worker.engine, "dtype", __import__("torch").bfloat16)
     assert run(worker, job)["images_from_cache"] == 0
+
+
+def png_b64(rgb) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def face(seed: int):
+    """Mid-grey noise: the demo face detector finds exactly one face in it."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(60, 200, size=(96, 128, 3), dtype=np.uint8)
+
+
+def test_consistent_mode_images_are_cached_per_reference(worker):
+    job = {"prompt": "portrait", "mode": "consistent", "reference_image": png_b64(face(42)), "seed": 5,
+           "delivery": "url", "width": 64, "height": 64, "steps": 2, "guidance_scale": 3.5}
+    first = run(worker, job)
+    assert first["mode"] == "consistent" and first["images_from_cache"] == 0 and first["batch_sizes"] == [1]
+    again = run(worker, job)
+    assert again["images_from_cache"] == 1 and again["batch_sizes"] == [] and again["identity_cache_hit"] is True
+    assert again["images"][0]["key"] == first["images"][0]["key"]
+    other = run(worker, {**job, "reference_image": png_b64(face(43))})
+    assert other["images_from_cache"] == 0 and other["images"][0]["key"] != first["images"][0]["key"]
+    weaker = run(worker, {**job, "id_weight": 0.5})
+    assert weaker["images_from_cache"] == 0
