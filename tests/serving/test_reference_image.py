@@ -115,7 +115,16 @@ def test_non_public_addresses_are_refused(address):
         check_public_address(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111"])
+@pytest.mark.parametrize(
+    "address",  # IPv6 forms that reach a private IPv4 through a translator
+    ["64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::a00:1", "2002:7f00:1::", "2002:a9fe:a9fe::1", "::127.0.0.1"],
+)
+def test_ipv6_wrapping_a_private_ipv4_is_refused(address):
+    with pytest.raises(JobError, match="URL must point to a public address"):
+        check_public_address(address)
+
+
+@pytest.mark.parametrize("address", ["93.184.216.34", "1.1.1.1", "2606:4700:4700::1111", "64:ff9b::5db8:d822"])
 def test_public_addresses_pass(address):
     check_public_address(address)
 
