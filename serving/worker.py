@@ -205,6 +205,10 @@ class Worker:
             log.info("job %s rejected: %s", job_id, err.message)
             yield {"error": err.message}
             return
+        except Exception as err:  # noqa: BLE001 - a bug in planning fails this job cleanly, not the worker
+            log.exception("job %s: planning failed", job_id)
+            yield {"error": JobError("internal_error", f"{type(err).__name__} while preparing the job").message}
+            return
         async for chunk in self._generate(job, job_id, plan):
             yield chunk
 
