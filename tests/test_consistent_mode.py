@@ -157,3 +157,16 @@ def test_concurrent_consistent_jobs_share_a_batch_and_keep_their_seeds(patient):
                                     consistent(seed=23, identity_start_step=0, reference_image=other_face))
     assert_regenerates(pixels(a["images"][0]), pixels(alone_a["images"][0]))
     assert np.array_equal(pixels(c["images"][0]), pixels(alone_c["images"][0]))
+
+
+def test_an_unexpected_failure_while_planning_is_a_clean_error(handler_module, monkeypatch):
+    import serving.worker as worker_module
+
+    def broken(value):
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(worker_module, "load_reference_image", broken)
+    result = run_job(handler_module, consistent(steps=1))
+    assert result == {"error": "internal_error: RuntimeError while preparing the job"}
+    monkeypatch.undo()
+    assert len(run_job(handler_module, consistent(steps=1))["images"]) == 1  # the worker serves on
