@@ -79,9 +79,29 @@ def decode_image(data: bytes) -> np.ndarray:
         raise _invalid("is not a readable image") from None
 
 
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one reaches through a translator (mapped, 6to4, Teredo, NAT64)."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if any(ip in net for net in _NAT64) or ip in _IPV4_COMPATIBLE:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def check_public_address(address: str) -> None:
     ip = ipaddress.ip_address(address)
     if not ip.is_global or ip.is_multicast:
+        raise _invalid("URL must point to a public address")
+    inner = _embedded_ipv4(ip) if ip.version == 6 else None
+    if inner is not None and (not inner.is_global or inner.is_multicast):
         raise _invalid("URL must point to a public address")
 
 
@@ -111,10 +131,13 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 def fetch_https(url: str) -> bytes:
     """GET an https URL: public targets only, bounded redirects, size and time."""
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port or 443
+        except ValueError:  # a bad port or a broken IPv6 literal, in the request or a redirect
+            raise _invalid("is not a valid URL") from None
         if parts.scheme != "https" or not parts.hostname:
             raise _invalid("URLs must use https")
-        port = parts.port or 443
         address = _resolve_public(parts.hostname, port)
         connection = _PinnedHTTPSConnection(parts.hostname, address, port, FETCH_TIMEOUT_S)
         try:

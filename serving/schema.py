@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -209,6 +210,9 @@ def parse_job_input(raw: Any) -> GenerateRequest | CapabilitiesRequest:
         raise _as_job_error(err) from None
 
 
+_SAFE_FIELD = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
+
+
 def _as_job_error(err: ValidationError) -> JobError:
     first = err.errors(include_url=False)[0]
     cause = first.get("ctx", {}).get("error")
@@ -216,6 +220,8 @@ def _as_job_error(err: ValidationError) -> JobError:
         return JobError("invalid_input", cause.rule, field=cause.field)
     field = ".".join(str(part) for part in first["loc"]) or "input"
     if first["type"] == "extra_forbidden":
+        if not _SAFE_FIELD.match(field):  # a client's key is echoed only when it cannot garble the message
+            return JobError("invalid_input", f"unknown field {ascii(field[:40])}", field="input")
         return JobError("invalid_input", "unknown field", field=field)
     if first["type"] == "missing":
         return JobError("invalid_input", "is required", field=field)

@@ -92,8 +92,18 @@ class StorageConfig:
             raise StorageConfigError("storage: upload_workers must be at least 1")
         for name in ("endpoint_url", "public_base_url"):
             value = getattr(self, name)
-            if value is not None and urlsplit(value).scheme not in ("http", "https"):
-                raise StorageConfigError(f"storage: {name} must be an http(s) URL")
+            if value is not None and not _is_http_url(value):
+                raise StorageConfigError(f"storage: {name} must be an http(s) URL with a host")
+
+
+def _is_http_url(value: str) -> bool:
+    """http(s), a host and a valid port: what botocore needs to build a client at all."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed or out-of-range port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,14 @@ _B2_HOST = re.compile(r"^s3\.(?P<region>[a-z0-9-]+)\.backblazeb2\.com$")
 _AWS_VHOST = re.compile(r"^(?P<bucket>[^.]+)\.s3([.-][a-z0-9-]+)?\.amazonaws\.com$")
 
 
+def _hostname(url: str) -> str:
+    """The lower-case host of a URL, "" when it has none or is malformed (validated later)."""
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
 def default_region(endpoint_url: str | None) -> str:
     """The SigV4 signing region when BUCKET_REGION is not set.
 
@@ -141,7 +159,7 @@ def default_region(endpoint_url: str | None) -> str:
     """
     if not endpoint_url:
         return "us-east-1"
-    host = (urlsplit(endpoint_url).hostname or "").lower()
+    host = _hostname(endpoint_url)
     match = _AWS_HOST.match(host) or _B2_HOST.match(host)
     if match:
         return match["region"]
@@ -183,7 +201,7 @@ def storage_config_from_env(environ: Mapping[str, str]) -> StorageConfig | None:
         hint = ""
         endpoint = get("BUCKET_ENDPOINT_URL")
         if "BUCKET_NAME" in missing and endpoint:
-            vhost = _AWS_VHOST.match((urlsplit(endpoint).hostname or "").lower())
+            vhost = _AWS_VHOST.match(_hostname(endpoint))
             if vhost:
                 hint = (f" (BUCKET_ENDPOINT_URL names bucket {vhost['bucket']!r} in its host: set "
                         "BUCKET_NAME to it and BUCKET_ENDPOINT_URL to the service endpoint)")

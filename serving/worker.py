@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 import torch
 
-from models.demo_pulid import ensure_demo_bundle
+from models.demo_pulid import BUNDLE_VERSION, ensure_demo_bundle
 from models.z_image_demo import ensure_demo_model
 from pipelines.acceleration import AccelerationPlan, save_compile_cache, warm_up
 from pipelines.identity import IdentityError, MultipleFaces
@@ -29,7 +29,7 @@ from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
 from pipelines.samplers import SamplingStopped
 from pipelines.z_image import BatchResult, BatchSpec, ImageItem, ZImageEngine, pick_device
 from serving.batcher import Batcher, ImageOutcome
-from serving.delivery import Delivery
+from serving.delivery import Delivered, Delivery
 from serving.errors import JobError
 from serving.outputs import encode_image, image_chunk, image_error_chunk
 from serving.reference_image import load_reference_image
@@ -205,6 +205,10 @@ class Worker:
             log.info("job %s rejected: %s", job_id, err.message)
             yield {"error": err.message}
             return
+        except Exception as err:  # noqa: BLE001 - a bug in planning fails this job cleanly, not the worker
+            log.exception("job %s: planning failed", job_id)
+            yield {"error": JobError("internal_error", f"{type(err).__name__} while preparing the job").message}
+            return
         async for chunk in self._generate(job, job_id, plan):
             yield chunk
 
@@ -276,7 +280,7 @@ class Worker:
         if not plan.delivery.use_cache:
             return
         loop = asyncio.get_running_loop()
-        model = self._model_identity()
+        model = self._cache_model(plan)
         lookups = [
             loop.run_in_executor(self.encode_pool, plan.delivery.cached, plan.cache_params(item, model),
                                  plan.request.output_format)
@@ -310,25 +314,43 @@ class Worker:
         identity = self.engine.identity
         return {"id": identity.id, "revision": identity.revision, "demo": identity.demo}
 
+    def _cache_model(self, plan: JobPlan) -> dict[str, Any]:
+        """The result cache's model identity: what serves the mode that runs, and the numerics that
+        change its pixels (dtype, FP8), so workers that differ there never share cached images."""
+        if plan.mode_ran == "consistent":
+            bundle = self.settings.pulid_model_dir
+            return {"pipeline": str(bundle) if bundle else BUNDLE_VERSION, "dtype": str(self.consistent.flux.dtype)}
+        acceleration = self.engine.acceleration
+        return {**self._model_identity(), "dtype": str(self.engine.dtype), "fp8": acceleration.fp8,
+                "fp8_keep_last_blocks": self.settings.fp8_keep_last_blocks if acceleration.fp8 else None}
+
     async def _generate(self, job: dict[str, Any], job_id: str, plan: JobPlan) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         request, spec, items = plan.request, plan.spec, plan.items
         total = len(items)
         model = self._model_identity()
+        cache_model = self._cache_model(plan)
         finished: asyncio.Queue[tuple[ImageOutcome, Any, float]] = asyncio.Queue()
 
         def post_process(outcome: ImageOutcome) -> tuple[ImageOutcome, Any, float]:
-            """Runs in the encode pool, while the GPU thread goes on with the next batch."""
+            """Runs in the encode pool, while the GPU thread goes on with the next batch. Never
+            raises: an exception here would leave the image missing until JOB_TIMEOUT_S."""
             if outcome.pixels is None:
                 return outcome, None, 0.0
             begun = time.perf_counter()
-            data = encode_image(outcome.pixels, request.output_format, request.output_quality)
-            encode_ms = (time.perf_counter() - begun) * 1000
-            delivered = plan.delivery.deliver(
-                job_id, outcome.index, outcome.seed, spec.width, spec.height, request.output_format, data,
-                plan.cache_params(items[outcome.index], model),
-            )
+            try:
+                data = encode_image(outcome.pixels, request.output_format, request.output_quality)
+                encode_ms = (time.perf_counter() - begun) * 1000
+                delivered = plan.delivery.deliver(
+                    job_id, outcome.index, outcome.seed, spec.width, spec.height, request.output_format, data,
+                    plan.cache_params(items[outcome.index], cache_model),
+                )
+            except Exception as err:  # noqa: BLE001 - one image's failure, reported as that image's error
+                log.exception("job %s: encoding or delivering image %d failed", job_id, outcome.index)
+                delivered = Delivered(error_code="internal_error",
+                                      error_message=f"{type(err).__name__} while encoding or delivering this image")
+                encode_ms = (time.perf_counter() - begun) * 1000
             return outcome, delivered, encode_ms
 
         def on_outcome(outcome: ImageOutcome) -> None:

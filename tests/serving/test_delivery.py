@@ -1,0 +1,377 @@
+"""Storage delivery through the real Worker on the demo model, against moto's S3 server on loopback.
+
+One worker per module, configured from the environment (BUCKET_* pointing at a fault proxy in
+front of moto, so every request the worker makes is counted), batch size 1 so a job's images
+leave the GPU one by one, and a 1 MB result limit for the payload guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import uuid
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+import boto3
+import pytest
+import requests
+from botocore.config import Config
+from moto.server import ThreadedMotoServer
+
+from serving.delivery import Delivery
+from serving.errors import JobError
+from serving.local_run import collect
+from serving.settings import load_settings
+from serving.storage import ImageStore, StorageConfig
+from serving.worker import Worker
+from tests.serving.conftest import ACCESS_KEY, FAST_RETRY, SECRET_KEY, FaultProxy, _handler_for
+
+SMALL = {"width": 64, "height": 64, "steps": 2}
+LIMIT_MB = 1
+
+
+def client(endpoint: str):
+    return boto3.session.Session().client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY, config=Config(s3={"addressing_style": "path"}))
+
+
+@pytest.fixture(scope="module")
+def counting_proxy(moto_endpoint: str):
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    proxy = FaultProxy(upstream=(host, int(port)))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(proxy))
+    server.daemon_threads = True
+    proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield proxy
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def main_bucket(moto_endpoint: str) -> str:
+    name = f"main-{uuid.uuid4().hex[:10]}"
+    client(moto_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+def env_for(endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
+    return {"BUCKET_ENDPOINT_URL": endpoint, "BUCKET_ACCESS_KEY_ID": ACCESS_KEY,
+            "BUCKET_SECRET_ACCESS_KEY": SECRET_KEY, "BUCKET_NAME": bucket, "MAX_BATCH": "1",
+            "BATCH_WAIT_MS": "0", "MAX_RESPONSE_MB": str(LIMIT_MB), "JOB_TIMEOUT_S": "60", **extra}
+
+
+@pytest.fixture(scope="module")
+def worker(counting_proxy: FaultProxy, main_bucket: str) -> Worker:
+    started = Worker.start(load_settings(env_for(counting_proxy.url, main_bucket)))
+    run(started, {"prompt": "warm-up", "steps": 1, "width": 64, "height": 64})  # first-call costs out of the timings
+    return started
+
+
+@pytest.fixture(scope="module")
+def bare_worker() -> Worker:
+    """No storage at all, the same small result limit."""
+    return Worker.start(load_settings({"MAX_BATCH": "1", "BATCH_WAIT_MS": "0", "MAX_RESPONSE_MB": str(LIMIT_MB)}))
+
+
+def run(worker: Worker, job_input: dict[str, Any], job_id: str | None = None, **top: Any) -> dict[str, Any]:
+    job = {"id": job_id or f"job-{uuid.uuid4().hex[:8]}", "input": job_input, **top}
+    return asyncio.run(collect(worker.run_job, job))
+
+
+def chunks_of(worker: Worker, job: dict[str, Any], on_chunk=lambda chunk: None) -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]]:
+        out = []
+        async for chunk in worker.run_job(job):
+            out.append(chunk)
+            on_chunk(chunk)
+        return out
+
+    return asyncio.run(go())
+
+
+def fetch(url: str) -> bytes:
+    response = requests.get(url, timeout=10)
+    assert response.status_code == 200, response.status_code
+    return response.content
+
+
+def b64(entry: dict[str, Any]) -> bytes:
+    return base64.b64decode(entry["base64"])
+
+
+def engine_calls(worker: Worker) -> int:
+    cache = worker.engine.prompt_cache
+    return cache.hits + cache.misses  # every engine.generate encodes its prompts through this cache
+
+
+def test_url_delivery_serves_the_same_bytes_as_base64_and_a_repeat_is_a_cache_hit(worker, counting_proxy, moto_endpoint, main_bucket):
+    job = {"prompt": "a red fox", "num_images": 2, "seed": 41, **SMALL}
+    inline = run(worker, job)
+    assert inline["settings"]["delivery"] == "base64" and "url" not in inline["images"][0]
+
+    first = run(worker, {**job, "delivery": "url"})
+    assert first["errors"] == [] and first["images_completed"] == 2 and first["images_from_cache"] == 0
+    assert first["batch_sizes"] == [1, 1] and first["settings"]["delivery"] == "url"
+    for stored, expected in zip(first["images"], inline["images"]):
+        assert "base64" not in stored and "cached" not in stored
+        assert stored["key"].startswith("z-image/cache/") and stored["key"].endswith(".png")
+        assert fetch(stored["url"]) == b64(expected)  # over HTTP, byte for byte
+        head = client(moto_endpoint).head_object(Bucket=main_bucket, Key=stored["key"])
+        assert head["ContentType"] == "image/png"
+
+    counting_proxy.requests.clear()
+    calls = engine_calls(worker)
+    again = run(worker, {**job, "delivery": "url"})
+    assert again["images_from_cache"] == 2 and again["images_completed"] == 2
+    assert again["batch_sizes"] == [] and again["timings_ms"]["denoising"] == 0
+    assert engine_calls(worker) == calls  # the model was never called
+    assert counting_proxy.count("HEAD") == 2 and counting_proxy.count("PUT") == 0
+    assert [i["key"] for i in again["images"]] == [i["key"] for i in first["images"]]
+    assert all(i["cached"] is True for i in again["images"])
+    assert fetch(again["images"][1]["url"]) == b64(inline["images"][1])
+
+
+def test_cache_key_covers_seed_and_prompt(worker):
+    job = {"prompt": "a blue heron", "seed": 900, **SMALL, "delivery": "url"}
+    first = run(worker, job)
+    assert first["images_from_cache"] == 0
+    shifted = run(worker, {**job, "seed": 901, "num_images": 2})  # seeds 901, 902: neither stored yet
+    assert shifted["images_from_cache"] == 0 and shifted["batch_sizes"] == [1, 1]
+    overlap = run(worker, {**job, "seed": 900, "num_images": 3})  # 900, 901, 902 all stored now
+    assert overlap["images_from_cache"] == 3 and overlap["batch_sizes"] == []
+    other_prompt = run(worker, {**job, "prompt": "a grey heron"})
+    assert other_prompt["images_from_cache"] == 0 and other_prompt["batch_sizes"] == [1]
+    assert other_prompt["images"][0]["key"] != first["images"][0]["key"]
+
+
+def test_streaming_yields_each_image_once_it_is_stored(worker, moto_endpoint, main_bucket):
+    s3 = client(moto_endpoint)
+    seen: list[int] = []
+
+    def on_chunk(chunk: dict[str, Any]) -> None:
+        if "image" in chunk:  # at the moment the client sees it, the object is already in the bucket
+            s3.head_object(Bucket=main_bucket, Key=chunk["image"]["key"])
+            seen.append(chunk["image"]["index"])
+
+    job = {"id": "stream-1", "input": {"prompt": "a kite over hills", "num_images": 4, "seed": 7, "delivery": "url", **SMALL}}
+    chunks = chunks_of(worker, job, on_chunk)
+    assert [c["progress"]["completed"] for c in chunks if "image" in c] == [1, 2, 3, 4]
+    assert "summary" in chunks[-1] and all("summary" not in c for c in chunks[:-1])
+    summary = chunks[-1]["summary"]
+    assert summary["batch_sizes"] == [1, 1, 1, 1] and sorted(seen) == [0, 1, 2, 3]
+    # one image per batch: the first is out long before the job is done
+    assert summary["timings_ms"]["first_image"] < 0.75 * summary["timings_ms"]["total"]
+
+
+def test_per_job_s3config_goes_to_the_callers_bucket_without_the_cache(worker, moto_endpoint, main_bucket):
+    s3 = client(moto_endpoint)
+    second = f"second-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=second)
+    s3_config = {"accessId": ACCESS_KEY, "accessSecret": SECRET_KEY, "bucketName": second, "endpointUrl": moto_endpoint}
+    job = {"prompt": "a lighthouse", "num_images": 2, "seed": 300, "delivery": "url", **SMALL}
+    inline = run(worker, {**job, "delivery": "base64"})
+    before = {o["Key"] for o in s3.list_objects_v2(Bucket=main_bucket).get("Contents", [])}
+
+    result = run(worker, job, job_id="caller-job", s3Config=s3_config)
+    assert result["errors"] == [] and result["images_from_cache"] == 0
+    assert [i["key"] for i in result["images"]] == ["z-image/caller-job/00-300.png", "z-image/caller-job/01-301.png"]
+    stored = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=second)["Contents"])
+    assert stored == ["z-image/caller-job/00-300.png", "z-image/caller-job/01-301.png"]
+    after = {o["Key"] for o in s3.list_objects_v2(Bucket=main_bucket).get("Contents", [])}
+    assert after == before  # nothing written to the deployment's bucket
+    for image, expected in zip(result["images"], inline["images"]):
+        assert second in image["url"] and fetch(image["url"]) == b64(expected)
+
+    again = run(worker, job, job_id="caller-job-2", s3Config=s3_config)
+    assert again["images_from_cache"] == 0 and again["batch_sizes"] == [1, 1]  # no cache in the caller's bucket
+
+
+@pytest.mark.parametrize(
+    ("s3_config", "expected"),
+    [
+        ("bucket", "invalid_input: s3Config: must be an object"),
+        ({"accessId": "a", "accessSecret": "b", "endpointUrl": "http://127.0.0.1:1"},
+         "invalid_input: s3Config: s3Config.bucketName is missing or empty"),
+        ({"accessId": "a", "accessSecret": "b", "bucketName": "c", "endpointUrl": "http://"},
+         "invalid_input: s3Config: s3Config: storage: endpoint_url must be an http(s) URL"),
+        ({"accessId": "a", "accessSecret": "b", "bucketName": "c", "endpointUrl": "https://[::1"},
+         "invalid_input: s3Config: s3Config: storage: endpoint_url must be an http(s) URL"),
+    ],
+)
+def test_bad_s3config_is_an_input_error(worker, s3_config, expected):
+    result = run(worker, {"prompt": "x", "delivery": "url", **SMALL}, s3Config=s3_config)
+    assert result["error"].startswith(expected)
+
+
+def test_url_without_storage_is_an_input_error(bare_worker):
+    result = run(bare_worker, {"prompt": "x", "delivery": "url", **SMALL})
+    assert result["error"] == 'invalid_input: delivery: url delivery needs storage: set BUCKET_* or send s3Config'
+
+
+def test_server_stopped_mid_job_loses_no_image(worker):
+    """A second S3 server, reached through the job's s3Config, goes away after the first image."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client(endpoint).create_bucket(Bucket="doomed")
+    s3_config = {"accessId": ACCESS_KEY, "accessSecret": SECRET_KEY, "bucketName": "doomed", "endpointUrl": endpoint}
+    job_input = {"prompt": "a storm at sea", "num_images": 4, "seed": 500, **SMALL}
+    stopped = []
+
+    def stop_after_first_image(chunk: dict[str, Any]) -> None:
+        if "image" in chunk and not stopped:
+            server.stop()
+            stopped.append(chunk["image"]["index"])
+
+    chunks = chunks_of(worker, {"id": "doomed-job", "input": {**job_input, "delivery": "url"}, "s3Config": s3_config},
+                       stop_after_first_image)
+    inline = run(worker, job_input)
+    images = {c["image"]["index"]: c["image"] for c in chunks if "image" in c}
+    errors = {c["image_error"]["index"]: c["image_error"] for c in chunks if "image_error" in c}
+    assert sorted([*images, *errors]) == [0, 1, 2, 3] and not set(images) & set(errors)  # every index, once
+    summary = chunks[-1]["summary"]
+    assert summary["images_completed"] + summary["images_failed"] == 4
+    assert "url" in images[stopped[0]]  # stored before the server went away
+    fallbacks = [i for i in images.values() if "delivery_fallback" in i]
+    assert fallbacks, "the images after the stop must come back inline"
+    assert images[3].get("delivery_fallback") or 3 in errors  # the last image cannot have been uploaded
+    for entry in fallbacks:
+        assert "url" not in entry and entry["delivery_fallback"].startswith("upload failed (")
+        assert b64(entry) == b64(inline["images"][entry["index"]])  # the very image, not a placeholder
+    for error in errors.values():
+        assert error["code"] and error["message"]
+
+
+def test_transient_upload_failures_are_retried(worker, counting_proxy):
+    counting_proxy.requests.clear()
+    counting_proxy.faults = [503, "drop"]  # the first HEAD (cache lookup) answers 503: a miss, not an error
+    result = run(worker, {"prompt": "a quiet pond", "seed": 77, "delivery": "url", **SMALL})
+    assert counting_proxy.faults == []
+    assert result["errors"] == [] and "url" in result["images"][0] and "delivery_fallback" not in result["images"][0]
+    assert counting_proxy.count("PUT") == 2  # dropped once, retried, stored
+    assert fetch(result["images"][0]["url"])[:4] == b"\x89PNG"
+
+
+# -- the payload guard -------------------------------------------------------------------------
+BIG = {"prompt": "static", "width": 256, "height": 256, "steps": 1, "num_images": 5, "seed": 1}  # ~210 KB each in base64
+
+
+def response_bytes(chunks: list[dict[str, Any]]) -> int:
+    return len(json.dumps(chunks))  # what /runsync returns for a streaming handler: the list of chunks
+
+
+def test_payload_guard_without_storage_names_url_delivery(bare_worker):
+    chunks = chunks_of(bare_worker, {"id": "big", "input": BIG})
+    assert response_bytes(chunks) <= LIMIT_MB * 2**20
+    images = [c["image"] for c in chunks if "image" in c]
+    errors = [c["image_error"] for c in chunks if "image_error" in c]
+    assert len(images) + len(errors) == 5 and errors, "5 noise images of 256² cannot fit in 1 MB"
+    for error in errors:
+        assert error["code"] == "payload_too_large" and 'use delivery "url"' in error["message"]
+
+
+def test_payload_guard_with_storage_switches_to_url(worker):
+    chunks = chunks_of(worker, {"id": "big-stored", "input": BIG})
+    assert response_bytes(chunks) <= LIMIT_MB * 2**20
+    images = [c["image"] for c in chunks if "image" in c]
+    assert len(images) == 5 and not any("image_error" in c for c in chunks)
+    inline = [i for i in images if "base64" in i]
+    stored = [i for i in images if "url" in i]
+    assert inline and stored and len(inline) + len(stored) == 5
+    assert "uploaded instead" in chunks[-1]["summary"]["delivery_note"]
+    assert all(fetch(i["url"])[:4] == b"\x89PNG" for i in stored)
+
+
+def test_payload_guard_refuses_up_front_or_switches_when_base64_cannot_fit(bare_worker, worker):
+    too_big = {"prompt": "x", "num_images": 16, "width": 1024, "height": 1024}
+    result = run(bare_worker, too_big)
+    assert result["error"].startswith("payload_too_large: delivery: 16 png images need at least")
+    assert 'use delivery "url"' in result["error"]
+    plan = Delivery.plan("base64", worker.store, LIMIT_MB * 2**20, 1024 * 1024, 16, "png")
+    assert plan.method == "url" and plan.switched_to_url
+
+
+def test_upload_failure_that_does_not_fit_inline_is_a_named_image_error():
+    dead = StorageConfig(bucket="b", access_key_id="a", secret_access_key="s", endpoint_url="http://127.0.0.1:9",
+                         connect_timeout_s=0.5)
+    delivery = Delivery("url", ImageStore(dead, retry=FAST_RETRY), limit_bytes=17 * 1024, use_cache=False)
+    small = delivery.deliver("j", 0, 5, 64, 64, "png", b"\x89PNG" + bytes(100), {})
+    assert "delivery_fallback" in small.entry and small.entry["base64"]
+    large = delivery.deliver("j", 1, 6, 64, 64, "png", b"\x89PNG" + bytes(4000), {})
+    assert large.entry is None and large.error_code == "upload_failed"
+    assert "does not fit inline" in large.error_message
+
+
+def test_url_delivery_needs_a_store():
+    with pytest.raises(JobError, match="url delivery needs storage"):
+        Delivery.plan("url", None, 2**20, 64 * 64, 1, "png")
+
+
+def test_an_encode_or_delivery_crash_is_that_images_error_not_a_hung_job(worker, monkeypatch):
+    import serving.worker as worker_module
+
+    real, calls, lock = worker_module.encode_image, [], threading.Lock()
+
+    def flaky(*args, **kwargs):
+        with lock:
+            calls.append(1)
+            if len(calls) == 2:
+                raise MemoryError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "encode_image", flaky)
+    result = run(worker, {"prompt": "a paper boat", "num_images": 3, "seed": 60, "delivery": "url", **SMALL})
+    assert len(result["images"]) == 2 and len(result["errors"]) == 1
+    (error,) = result["errors"]
+    assert error["code"] == "internal_error" and "MemoryError" in error["message"]  # not "timeout" after JOB_TIMEOUT_S
+    assert result["timings_ms"]["total"] < 30_000
+
+
+def test_cache_key_covers_the_numerics_that_change_pixels(worker, monkeypatch):
+    job = {"prompt": "a tin robot", "seed": 1000, "delivery": "url", **SMALL}
+    assert run(worker, job)["images_from_cache"] == 0
+    assert run(worker, job)["images_from_cache"] == 1
+    # the same model with FP8 weights makes other pixels: it must not be served this worker's images
+    monkeypatch.setattr(worker.engine.acceleration, "fp8", True)
+    assert run(worker, job)["images_from_cache"] == 0
+    monkeypatch.setattr(worker.engine.acceleration, "fp8", False)
+    monkeypatch.setattr(worker.engine, "dtype", __import__("torch").bfloat16)
+    assert run(worker, job)["images_from_cache"] == 0
+
+
+def png_b64(rgb) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def face(seed: int):
+    """Mid-grey noise: the demo face detector finds exactly one face in it."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(60, 200, size=(96, 128, 3), dtype=np.uint8)
+
+
+def test_consistent_mode_images_are_cached_per_reference(worker):
+    job = {"prompt": "portrait", "mode": "consistent", "reference_image": png_b64(face(42)), "seed": 5,
+           "delivery": "url", "width": 64, "height": 64, "steps": 2, "guidance_scale": 3.5}
+    first = run(worker, job)
+    assert first["mode"] == "consistent" and first["images_from_cache"] == 0 and first["batch_sizes"] == [1]
+    again = run(worker, job)
+    assert again["images_from_cache"] == 1 and again["batch_sizes"] == [] and again["identity_cache_hit"] is True
+    assert again["images"][0]["key"] == first["images"][0]["key"]
+    other = run(worker, {**job, "reference_image": png_b64(face(43))})
+    assert other["images_from_cache"] == 0 and other["images"][0]["key"] != first["images"][0]["key"]
+    weaker = run(worker, {**job, "id_weight": 0.5})
+    assert weaker["images_from_cache"] == 0
