@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import http.client
 import threading
 import time
@@ -146,8 +148,9 @@ def config(moto_endpoint: str, bucket: str) -> StorageConfig:
                          connect_timeout_s=2.0, read_timeout_s=5.0)
 
 
-@pytest.fixture
-def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
+@contextlib.contextmanager
+def running_fault_proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
+    """A FaultProxy in front of the moto server, on 127.0.0.1 at an ephemeral port."""
     host, port = moto_endpoint.removeprefix("http://").split(":")
     fp = FaultProxy(upstream=(host, int(port)))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(fp))
@@ -155,6 +158,14 @@ def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
     fp.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield fp
-    server.shutdown()
-    server.server_close()
+    try:
+        yield fp
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
+    with running_fault_proxy(moto_endpoint) as fp:
+        yield fp

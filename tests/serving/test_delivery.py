@@ -12,7 +12,6 @@ import base64
 import json
 import threading
 import uuid
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import boto3
@@ -27,7 +26,7 @@ from serving.local_run import collect
 from serving.settings import load_settings
 from serving.storage import ImageStore, StorageConfig
 from serving.worker import Worker
-from tests.serving.conftest import ACCESS_KEY, FAST_RETRY, SECRET_KEY, FaultProxy, _handler_for
+from tests.serving.conftest import ACCESS_KEY, FAST_RETRY, SECRET_KEY, FaultProxy, running_fault_proxy
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 LIMIT_MB = 1
@@ -41,16 +40,8 @@ def client(endpoint: str):
 
 @pytest.fixture(scope="module")
 def counting_proxy(moto_endpoint: str):
-    host, port = moto_endpoint.removeprefix("http://").split(":")
-    proxy = FaultProxy(upstream=(host, int(port)))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(proxy))
-    server.daemon_threads = True
-    proxy.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield proxy
-    server.shutdown()
-    server.server_close()
+    with running_fault_proxy(moto_endpoint) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="module")
