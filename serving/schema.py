@@ -210,7 +210,7 @@ def parse_job_input(raw: Any) -> GenerateRequest | CapabilitiesRequest:
         raise _as_job_error(err) from None
 
 
-_SAFE_FIELD = re.compile(r"^[A-Za-z0-9_.]{1,64}$")
+_SAFE_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")  # a plain identifier
 
 
 def _as_job_error(err: ValidationError) -> JobError:
