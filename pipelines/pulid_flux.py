@@ -108,7 +108,10 @@ class PuLIDFluxPipeline:
         self.identity_cache = IdentityCache(cache_size)
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16) -> PuLIDFluxPipeline:
+    def load(
+        cls, model_dir: str | Path, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+        cache_size: int = 32,
+    ) -> PuLIDFluxPipeline:
         """Load a bundle laid out as in docs/CONSISTENT_MODE.md (real weights or the tiny demo)."""
         root, device = Path(model_dir), torch.device(device)
         flux = FluxPipeline.from_pretrained(root / "flux", dtype=dtype).to(device)
@@ -117,7 +120,7 @@ class PuLIDFluxPipeline:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         faces = FaceEncoder(root / "insightface" / "models" / "antelopev2", providers)
         eva = _load_eva(root / "eva", device, dtype)
-        return cls(flux, pulid, IdentityEncoder(faces, eva, pulid.pulid_encoder, device, dtype))
+        return cls(flux, pulid, IdentityEncoder(faces, eva, pulid.pulid_encoder, device, dtype), cache_size)
 
     def compute_identity(self, reference_rgb: np.ndarray) -> IdentityEmbedding:
         """Id tokens for the single face in an RGB uint8 photo; raises ``NoFace`` / ``MultipleFaces``."""

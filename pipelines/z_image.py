@@ -78,6 +78,11 @@ class BatchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+def serving_dtype(device: str) -> torch.dtype:
+    """bf16 on CUDA (the weights' own precision); float32 on CPU, where bf16 matmuls are slow."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def pick_device(preference: str) -> str:
     if preference == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,7 +140,7 @@ class ZImageEngine:
         from diffusers import ZImagePipeline
 
         started = time.perf_counter()
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = serving_dtype(device)
         pipe = ZImagePipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True, device_map=device)
         pipe.set_progress_bar_config(disable=True)
         engine = cls(pipe, ModelIdentity.from_dir(model_dir), device, prompt_cache_size)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.z_image_demo import MODEL_INFO_FILE, build_tokenizer  # noqa: E402
 from pipelines.acceleration import AccelerationPlan, accelerate, warm_up  # noqa: E402
-from pipelines.z_image import BatchSpec, ImageItem, ZImageEngine  # noqa: E402
+from pipelines.z_image import BatchSpec, ImageItem, ZImageEngine, serving_dtype  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 
 # A prompt whose chat-templated byte-level tokens pad to 128, the caption length of the FLOP anchor.
@@ -156,7 +156,7 @@ def peak_tflops(device: str) -> tuple[str, float | None]:
 
 def run(size: str, fp8: bool, out_dir: Path) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = serving_dtype(device)
     config = CONFIGS[size]
     settings = dataclasses.replace(load_settings(), fp8=fp8)
     plan = AccelerationPlan.from_settings(settings, device)

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Callable, Hashable
 
 import numpy as np
 
@@ -110,10 +110,6 @@ class Batcher:
         with self._cond:
             ticket.cancelled = True
             ticket.pending.clear()
-            self._tickets.pop(ticket.job_id, None)
-
-    def finish(self, ticket: JobTicket) -> None:
-        with self._cond:
             self._tickets.pop(ticket.job_id, None)
 
     def queued_images(self) -> int:
@@ -231,6 +227,3 @@ class Batcher:
             ticket.on_outcome(outcome)
         except Exception:  # noqa: BLE001 - a consumer's bug must not stop the GPU thread
             log.exception("delivering an image of job %s failed", ticket.job_id)
-
-    def describe(self) -> dict[str, Any]:
-        return {"queued_images": self.queued_images(), "wait_ms": round(self._wait_s * 1000)}

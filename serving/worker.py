@@ -27,7 +27,7 @@ from pipelines.acceleration import AccelerationPlan, save_compile_cache, warm_up
 from pipelines.identity import IdentityError, MultipleFaces
 from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
 from pipelines.samplers import SamplingStopped
-from pipelines.z_image import BatchResult, BatchSpec, ImageItem, ZImageEngine, pick_device
+from pipelines.z_image import BatchResult, BatchSpec, ImageItem, ZImageEngine, pick_device, serving_dtype
 from serving.batcher import Batcher, ImageOutcome
 from serving.delivery import Delivered, Delivery
 from serving.errors import JobError
@@ -155,12 +155,10 @@ class Worker:
         started = time.perf_counter()
         try:
             bundle = bundle or ensure_demo_bundle(settings.demo_model_dir)
-            dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            pipeline = PuLIDFluxPipeline.load(bundle, device, dtype)
+            pipeline = PuLIDFluxPipeline.load(bundle, device, serving_dtype(device), settings.pulid_identity_cache)
         except Exception as err:  # noqa: BLE001 - a broken optional pipeline must not stop fast mode
             log.error("consistent mode unavailable: PuLID pipeline failed to load: %s", err)
             return None, f"the PuLID pipeline failed to load ({type(err).__name__})"
-        pipeline.identity_cache.max_entries = settings.pulid_identity_cache
         log.info("loaded PuLID-FLUX from %s in %.2f s", bundle, time.perf_counter() - started)
         return pipeline, None
 
