@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -27,6 +28,7 @@ from builder.manifest import (  # noqa: E402
     MANIFEST_PATH,
     MODEL_INFO_FILE,
     PIN_HELP,
+    RELEASE_PREFIX,
     UNPINNED,
     FileSpec,
     Manifest,
@@ -78,6 +80,49 @@ class HubSource:
         from huggingface_hub import hf_hub_download
 
         return Path(hf_hub_download(repo, path, revision=commit, local_dir=dest_dir, token=self.token))
+
+
+class ReleaseSource:
+    """GitHub release assets (repos named `github.com/{owner}/{name}`): facexlib publishes its
+    parsing weights only there. The tag is the revision; the manifest's sha256 pins the bytes."""
+
+    def __init__(self, web: str = "https://github.com", api: str = "https://api.github.com", timeout: float = 120) -> None:
+        self.web, self.api, self.timeout = web.rstrip("/"), api.rstrip("/"), timeout
+
+    def resolve(self, repo: str, revision: str) -> str:
+        return revision
+
+    def list_files(self, repo: str, commit: str) -> list[str]:
+        url = f"{self.api}/repos/{repo.removeprefix(RELEASE_PREFIX)}/releases/tags/{commit}"
+        with urllib.request.urlopen(url, timeout=self.timeout) as response:
+            return [asset["name"] for asset in json.load(response)["assets"]]
+
+    def download(self, repo: str, commit: str, path: str, dest_dir: Path) -> Path:
+        url = f"{self.web}/{repo.removeprefix(RELEASE_PREFIX)}/releases/download/{commit}/{path}"
+        dest = dest_dir / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=self.timeout) as response, open(dest, "wb") as out:
+            shutil.copyfileobj(response, out, 8 * 2**20)
+        return dest
+
+
+class BuildSource:
+    """What the image build reads: hub repos from the Hub, `github.com/...` repos from their releases."""
+
+    def __init__(self, hub: Source, releases: Source) -> None:
+        self.hub, self.releases = hub, releases
+
+    def _for(self, repo: str) -> Source:
+        return self.releases if repo.startswith(RELEASE_PREFIX) else self.hub
+
+    def resolve(self, repo: str, revision: str) -> str:
+        return self._for(repo).resolve(repo, revision)
+
+    def list_files(self, repo: str, commit: str) -> list[str]:
+        return self._for(repo).list_files(repo, commit)
+
+    def download(self, repo: str, commit: str, path: str, dest_dir: Path) -> Path:
+        return self._for(repo).download(repo, commit, path, dest_dir)
 
 
 @dataclass
@@ -193,7 +238,8 @@ def main(argv: list[str], source: Source | None = None) -> int:
     names = model_names(args.with_pulid)
     try:
         manifest = load_manifest(args.manifest)
-        report = fetch_models(manifest, args.target, source or HubSource(), names, args.allow_unpinned, args.pin)
+        source = source or BuildSource(HubSource(), ReleaseSource())
+        report = fetch_models(manifest, args.target, source, names, args.allow_unpinned, args.pin)
     except (ManifestError, VerificationError) as err:
         print(f"fetch_models: {err}", file=sys.stderr)
         return 2

@@ -50,10 +50,16 @@ class FileSpec:
         return isinstance(self.size, int) and self.sha256 is not None and bool(_SHA256.fullmatch(self.sha256))
 
 
+RELEASE_PREFIX = "github.com/"
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """Files of one hub repo at one revision, placed under `target_dir` of the model's folder.
-    `include` (glob patterns) says which repo files `--pin` lists; `files` is the pinned list."""
+    `include` (glob patterns) says which repo files `--pin` lists; `files` is the pinned list.
+
+    A repo named `github.com/{owner}/{name}` is a GitHub release instead: `revision` is its tag,
+    `include` names the assets, and the assets' sha256 pin it (a tag is not a commit)."""
 
     repo: str
     revision: str
@@ -62,8 +68,12 @@ class SourceSpec:
     files: tuple[FileSpec, ...] = ()
 
     @property
+    def release(self) -> bool:
+        return self.repo.startswith(RELEASE_PREFIX)
+
+    @property
     def pinned(self) -> bool:
-        return bool(_COMMIT.fullmatch(self.revision)) and bool(self.files) and all(f.pinned for f in self.files)
+        return not self.problems()
 
     def wants(self, repo_path: str) -> bool:
         return any(fnmatch(repo_path, pattern) for pattern in self.include)
@@ -75,7 +85,9 @@ class SourceSpec:
     def problems(self) -> list[str]:
         """Why this source is not pinned (empty when it is)."""
         found = []
-        if not _COMMIT.fullmatch(self.revision):
+        if self.release and self.revision == UNPINNED:
+            found.append(f"{self.repo}: no release tag")
+        elif not self.release and not _COMMIT.fullmatch(self.revision):
             found.append(f"{self.repo}: revision {self.revision!r} is not a 40-hex commit")
         if not self.files:
             found.append(f"{self.repo}: no file list")

@@ -28,9 +28,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from models.eva_clip import EVAVisionConfig, EVAVisionTower
+from models.face_parsing import BiSeNet
 from models.pulid_modules import IDFormer, PuLIDModules
 
-BUNDLE_VERSION = "demo-pulid-v1"
+BUNDLE_VERSION = "demo-pulid-v2"
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 HIDDEN = 32  # FLUX inner dim: 2 heads x 16
@@ -41,6 +42,7 @@ IDFORMER = dict(dim=16, depth=5, dim_head=8, heads=2, num_id_token=2, num_querie
                 ff_mult=2, id_cond_dim=512 + EVA.embed_dim, vit_dim=EVA.width, mapping_dim=16)
 NUM_DOUBLE, NUM_SINGLE = 3, 5  # CA after double 0, 2 and single 0, 4: 4 layers
 PULID = dict(num_ca=4, hidden_dim=HIDDEN, id_dim=ID_DIM, heads=2, dim_head=8)
+PARSER_WIDTH = 4  # BiSeNet channels / 16
 
 DET_SIZE = 640
 STRIDES = (8, 16, 32)
@@ -72,6 +74,7 @@ def build_bundle(root: Path) -> None:
     build_flux(root / "flux")
     build_pulid(root / "pulid")
     build_eva(root / "eva")
+    build_parser(root / "facexlib")
     faces = root / "insightface" / "models" / "antelopev2"
     faces.mkdir(parents=True)
     onnx.save(detector_model(), faces / "scrfd_10g_bnkps.onnx")
@@ -146,6 +149,14 @@ def build_eva(path: Path) -> None:
     save_file(tower.state_dict(), path / "eva_vision.safetensors")
     config = {k: v for k, v in EVA.__dict__.items() if k not in ("mean", "std")}
     (path / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def build_parser(path: Path) -> None:
+    """Tiny BiSeNet saved as facexlib publishes it: a torch pickle of the state dict."""
+    torch.manual_seed(4)
+    path.mkdir(parents=True)
+    torch.save(BiSeNet(width=PARSER_WIDTH).state_dict(), path / "parsing_bisenet.pth")
+    (path / "config.json").write_text(json.dumps({"width": PARSER_WIDTH}))
 
 
 def _const(name: str, array: np.ndarray) -> onnx.NodeProto:

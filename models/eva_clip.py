@@ -144,7 +144,17 @@ class EVAVisionTower(nn.Module):
 
 
 def load_eva_state_dict(tower: EVAVisionTower, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load an EVA-CLIP checkpoint, whole CLIP (``visual.*`` keys) or vision only; rotary buffers are skipped."""
+    """Load an EVA-CLIP checkpoint, whole CLIP (``visual.*`` keys) or vision only; rotary buffers are skipped.
+
+    Training checkpoints may nest the weights under ``model`` / ``module`` / ``state_dict`` and
+    prefix them with ``module.`` (DDP): EVA-CLIP's own loader accepts both, so this does too.
+    """
+    for wrapper in ("model", "module", "state_dict"):
+        if isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    if all(k.startswith("module.") for k in state_dict):
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     if any(k.startswith("visual.") for k in state_dict):
         state_dict = {k.removeprefix("visual."): v for k, v in state_dict.items() if k.startswith("visual.")}
     tower.load_state_dict({k: v for k, v in state_dict.items() if "rope." not in k}, strict=True)

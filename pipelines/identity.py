@@ -1,10 +1,10 @@
-"""Reference photo -> PuLID id tokens: face detection, alignment, ArcFace + EVA02-CLIP, IDFormer.
+"""Reference photo -> PuLID id tokens: face detection, alignment, parsing, ArcFace + EVA02-CLIP, IDFormer.
 
-Differs from the published PuLID preprocessing in one place: PuLID parses the aligned face with
-BiSeNet (facexlib) and paints everything that is not face white before EVA sees it. We skip the
-parsing model: the aligned crop (insightface 5-point similarity warp) is turned gray as PuLID does,
-but its background is kept. Alignment uses insightface's own keypoints instead of a second
-detector (facexlib RetinaFace).
+Follows PuLID-FLUX's preprocessing: the face is warped onto facexlib's 512x512 FFHQ five-point
+template, BiSeNet parses it, and EVA sees it gray with everything that is not face painted white.
+One difference: the five keypoints come from insightface's SCRFD (which also gives the ArcFace
+embedding) instead of a second detector (facexlib's RetinaFace); both give the same five points
+(eyes, nose tip, mouth corners).
 """
 
 from __future__ import annotations
@@ -18,12 +18,19 @@ import cv2
 import numpy as np
 import torch
 from insightface.app import FaceAnalysis
-from insightface.utils import face_align
+from torch.nn import functional as F
 
 from models.eva_clip import EVAVisionTower
+from models.face_parsing import BiSeNet
 from models.pulid_modules import IDFormer
 
-ALIGN_SIZE = 336  # EVA02-CLIP-L-14-336 input; a multiple of 112 as insightface's norm_crop needs
+ALIGN_SIZE = 512
+# facexlib's FFHQ template at 512x512: left eye, right eye, nose tip, left and right mouth corner
+FACE_TEMPLATE = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
+    dtype=np.float32,
+)
+BORDER_RGB = (132, 133, 135)  # facexlib's gray outside the photo
 DET_SIZE = (640, 640)
 
 
@@ -70,31 +77,53 @@ class FaceEncoder:
         return faces[0]
 
 
-def eva_input(rgb: np.ndarray, kps: np.ndarray, tower: EVAVisionTower) -> torch.Tensor:
-    """Aligned, gray (as PuLID feeds EVA), resized and CLIP-normalised face: (1, 3, S, S) float32."""
-    face = face_align.norm_crop(rgb, kps, image_size=ALIGN_SIZE)
-    gray = cv2.cvtColor(face, cv2.COLOR_RGB2GRAY)
+def align_face(rgb: np.ndarray, kps: np.ndarray) -> np.ndarray:
+    """The face warped onto the 512x512 template by the best similarity transform (LMEDS, as facexlib)."""
+    matrix, _ = cv2.estimateAffinePartial2D(kps.astype(np.float32), FACE_TEMPLATE, method=cv2.LMEDS)
+    if matrix is None:
+        raise NoFace("the face's keypoints are degenerate; use a clearer, frontal photo")
+    face = cv2.warpAffine(rgb, matrix, (ALIGN_SIZE, ALIGN_SIZE), borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_RGB)
+    return face
+
+
+def face_features(face: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """PuLID's EVA image: the face in gray (ITU-R 601 luma), every ``background`` pixel white.
+
+    ``face`` (B, 3, H, W) RGB in [0, 1]; ``background`` (B, 1, H, W) bool.
+    """
+    luma = torch.tensor((0.299, 0.587, 0.114), device=face.device, dtype=face.dtype).view(1, 3, 1, 1)
+    gray = (face * luma).sum(dim=1, keepdim=True).expand_as(face)
+    return torch.where(background, torch.ones_like(face), gray)
+
+
+def eva_input(features: torch.Tensor, tower: EVAVisionTower) -> torch.Tensor:
+    """Face features resized (bicubic, antialiased) to EVA's input and CLIP-normalised."""
     size = tower.config.image_size
-    if size != ALIGN_SIZE:
-        gray = cv2.resize(gray, (size, size), interpolation=cv2.INTER_CUBIC if size > ALIGN_SIZE else cv2.INTER_AREA)
-    pixels = torch.from_numpy(gray).float().div(255).expand(3, -1, -1)
-    mean = torch.tensor(tower.config.mean).view(3, 1, 1)
-    std = torch.tensor(tower.config.std).view(3, 1, 1)
-    return ((pixels - mean) / std).unsqueeze(0)
+    pixels = F.interpolate(features, (size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(tower.config.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(tower.config.std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
 
 
 class IdentityEncoder:
     """Runs the whole ID path for one reference photo."""
 
-    def __init__(self, faces: FaceEncoder, eva: EVAVisionTower, idformer: IDFormer, device: torch.device, dtype: torch.dtype) -> None:
-        self.faces, self.eva, self.idformer = faces, eva, idformer
+    def __init__(
+        self, faces: FaceEncoder, parser: BiSeNet, eva: EVAVisionTower, idformer: IDFormer,
+        device: torch.device, dtype: torch.dtype,
+    ) -> None:
+        self.faces, self.parser, self.eva, self.idformer = faces, parser, eva, idformer
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
     def encode(self, rgb: np.ndarray) -> IdentityEmbedding:
         face = self.faces.single_face(rgb)
         arcface = torch.from_numpy(np.asarray(face.embedding, dtype=np.float32)).unsqueeze(0)
-        pixels = eva_input(rgb, face.kps, self.eva).to(self.device, self.dtype)
+        aligned = align_face(rgb, face.kps)
+        # the parser runs in float32 (it is small; its argmax decides whole regions)
+        pixels = torch.from_numpy(aligned).to(self.device).permute(2, 0, 1).unsqueeze(0).float().div(255)
+        features = face_features(pixels, self.parser.background_mask(pixels))
+        pixels = eva_input(features, self.eva).to(self.dtype)
         eva_embed, eva_hidden = self.eva(pixels)
         eva_embed = torch.nn.functional.normalize(eva_embed, dim=-1)
         id_cond = torch.cat((arcface.to(self.device, self.dtype), eva_embed), dim=-1)

@@ -21,12 +21,14 @@ from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 from models.eva_clip import EVAVisionConfig, EVAVisionTower, load_eva_state_dict
+from models.face_parsing import BiSeNet, load_parsing_state_dict
 from models.pulid_modules import IDFormer, PuLIDModules
 from pipelines.identity import FaceEncoder, IdentityCache, IdentityEmbedding, IdentityEncoder, image_key
 
 DOUBLE_INTERVAL = 2
 SINGLE_INTERVAL = 4
 PULID_WEIGHTS = "pulid/pulid_flux_v0.9.1.safetensors"
+PARSING_WEIGHTS = "parsing_bisenet.pth"
 
 
 class Cancelled(RuntimeError):
@@ -97,6 +99,13 @@ def _load_eva(eva_dir: Path, device: torch.device, dtype: torch.dtype) -> EVAVis
     return tower.to(device, dtype).eval()
 
 
+def _load_parser(parsing_dir: Path, device: torch.device) -> BiSeNet:
+    """facexlib's BiSeNet, kept in float32 on the device (53 MB)."""
+    parser = BiSeNet(**_optional_config(parsing_dir / "config.json"))
+    load_parsing_state_dict(parser, torch.load(parsing_dir / PARSING_WEIGHTS, map_location="cpu", weights_only=True))
+    return parser.to(device).eval()
+
+
 class PuLIDFluxPipeline:
     """FLUX.1-dev + PuLID. Load once, then ``compute_identity`` per reference and ``generate`` per batch."""
 
@@ -119,8 +128,9 @@ class PuLIDFluxPipeline:
         pulid = _load_pulid(root / "pulid", device, dtype)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         faces = FaceEncoder(root / "insightface" / "models" / "antelopev2", providers)
+        parser = _load_parser(root / "facexlib", device)
         eva = _load_eva(root / "eva", device, dtype)
-        return cls(flux, pulid, IdentityEncoder(faces, eva, pulid.pulid_encoder, device, dtype), cache_size)
+        return cls(flux, pulid, IdentityEncoder(faces, parser, eva, pulid.pulid_encoder, device, dtype), cache_size)
 
     def compute_identity(self, reference_rgb: np.ndarray) -> IdentityEmbedding:
         """Id tokens for the single face in an RGB uint8 photo; raises ``NoFace`` / ``MultipleFaces``."""

@@ -60,6 +60,11 @@ class BatchSpec:
     guidance_scale: float
     workflow: str
 
+    @property
+    def cfg(self) -> bool:
+        """Classifier-free guidance: a second forward per step, on the negative prompt."""
+        return self.guidance_scale > 0
+
 
 @dataclass(frozen=True)
 class ImageItem:
@@ -256,7 +261,7 @@ class ZImageEngine:
 
         started = time.perf_counter()
         text = self.encode_prompts([item.prompt for item in items])
-        negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.guidance_scale > 0 else None
+        negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
         started = mark("text_encoding", started)
         noise = self.initial_noise([item.seed for item in items], spec.width, spec.height)
         latents = self.denoise(noise, text, negative, spec, should_stop)

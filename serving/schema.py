@@ -22,6 +22,10 @@ MEGAPIXEL = 1024 * 1024  # 1 "megapixel" is 1024x1024, so the default size is th
 DEFAULT_QUALITY = {"png": None, "webp": 90, "jpeg": 90}
 MAX_ID_WEIGHT = 3.0
 MAX_REFERENCE_CHARS = 14 * 2**20  # a 10 MB image as base64, plus a data-URI header
+# (steps, guidance_scale) when a request leaves them out, for the mode that runs: Z-Image-Turbo is
+# distilled for 8 steps without CFG; FLUX.1-dev with PuLID wants ~20 steps and its distilled
+# guidance ~4 (PuLID's "fake CFG", one forward per step)
+MODE_DEFAULTS = {"fast": (8, 0.0), "consistent": (20, 4.0)}
 
 Workflow = Literal["auto", "z-image-simple", "z-image-danrisi"]
 Mode = Literal["fast", "consistent"]
@@ -48,8 +52,8 @@ class GenerateRequest(BaseModel):
     height: int | None = None
     aspect_ratio: str | None = None
     megapixels: float | None = None
-    steps: int = 8
-    guidance_scale: float = 0.0
+    steps: int | None = None
+    guidance_scale: float | None = None
     seed: int | None = None
     workflow: Workflow = "auto"
     mode: Mode = "fast"
@@ -108,13 +112,13 @@ class GenerateRequest(BaseModel):
 
     @field_validator("steps")
     @classmethod
-    def _steps(cls, value: int) -> int:
-        return _between(value, 1, MAX_STEPS)
+    def _steps(cls, value: int | None) -> int | None:
+        return None if value is None else _between(value, 1, MAX_STEPS)
 
     @field_validator("guidance_scale")
     @classmethod
-    def _guidance(cls, value: float) -> float:
-        if not (math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
+    def _guidance(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
             raise ValueError(f"must be a finite number between 0 and {MAX_GUIDANCE:g}")
         return value
 
@@ -153,9 +157,15 @@ class GenerateRequest(BaseModel):
             raise _FieldRule("reference_image", "is required in consistent mode")
         if self.mode == "fast" and self.reference_image is not None:
             raise _FieldRule("reference_image", "is only used in consistent mode")
-        if self.identity_start_step is not None and self.identity_start_step >= self.steps:
+        if self.identity_start_step is not None and self.identity_start_step >= self.sampling("consistent")[0]:
             raise _FieldRule("identity_start_step", "must be less than steps")
         return self
+
+    def sampling(self, mode: Mode) -> tuple[int, float]:
+        """(steps, guidance_scale) for the mode that runs: the request's, else that mode's defaults."""
+        steps, guidance = MODE_DEFAULTS[mode]
+        return (steps if self.steps is None else self.steps,
+                guidance if self.guidance_scale is None else self.guidance_scale)
 
     @model_validator(mode="after")
     def _size(self) -> "GenerateRequest":

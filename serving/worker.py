@@ -35,7 +35,7 @@ from serving.outputs import encode_image, image_chunk, image_error_chunk
 from serving.reference_image import load_reference_image
 from serving.schema import (
     ASPECT_RATIOS, MAX_GUIDANCE, MAX_ID_WEIGHT, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS,
-    MIN_SIDE, SIZE_MULTIPLE, CapabilitiesRequest, GenerateRequest, parse_job_input,
+    MIN_SIDE, MODE_DEFAULTS, SIZE_MULTIPLE, CapabilitiesRequest, GenerateRequest, parse_job_input,
 )
 from serving.settings import Settings
 from serving.storage import ImageStore, StorageConfigError, storage_config_from_job
@@ -64,6 +64,12 @@ class ConsistentSpec:
     identity_start_step: int
     identity: Any = field(compare=False, hash=False, repr=False)
     workflow: str = "pulid-flux"
+    cfg = False  # FLUX.1-dev's guidance is distilled into the model: one forward, no negative prompt
+
+
+def _sampling_defaults(mode: str) -> dict[str, Any]:
+    steps, guidance_scale = MODE_DEFAULTS[mode]
+    return {"steps": steps, "guidance_scale": guidance_scale}
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -94,7 +100,7 @@ class JobPlan:
         request, spec = self.request, self.spec
         params = {
             "model": model, "mode": self.mode_ran, "workflow": spec.workflow, "prompt": item.prompt,
-            "negative_prompt": item.negative_prompt if spec.guidance_scale > 0 else "",
+            "negative_prompt": item.negative_prompt if spec.cfg else "",
             "width": spec.width, "height": spec.height, "steps": spec.steps, "guidance_scale": spec.guidance_scale,
             "seed": item.seed, "format": request.output_format, "quality": request.output_quality,
         }
@@ -172,7 +178,7 @@ class Worker:
         if self.engine.device.type != "cuda":
             return CPU_MAX_BATCH
         per_image = ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20
-        per_image *= 2 if spec.guidance_scale > 0 else 1
+        per_image *= 2 if spec.cfg else 1
         return max(1, min(MAX_IMAGES, int(self._free_bytes // per_image)))
 
     def _run_batch(self, items: list[ImageItem], spec: BatchSpec | ConsistentSpec, should_stop) -> BatchResult:
@@ -230,7 +236,7 @@ class Worker:
                                  request.width * request.height, request.num_images, request.output_format)
         if mode == "fast":
             workflow = self.resolve_workflow(request.workflow)
-            spec = BatchSpec(request.width, request.height, request.steps, request.guidance_scale, workflow)
+            spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow)
             plan = JobPlan(request, spec, items, delivery, mode)
         else:
             plan = await self._plan_consistent(request, items, delivery)
@@ -262,11 +268,12 @@ class Worker:
             code = "multiple_faces" if isinstance(err, MultipleFaces) else "no_face"
             rule = "has more than one face: crop it to one person" if code == "multiple_faces" else "has no face"
             raise JobError(code, rule, field="reference_image") from None
+        steps, guidance_scale = request.sampling("consistent")
         start = request.identity_start_step
         if start is None:
-            start = min(self.settings.pulid_start_step, request.steps - 1)
+            start = min(self.settings.pulid_start_step, steps - 1)
         spec = ConsistentSpec(
-            request.width, request.height, request.steps, request.guidance_scale,
+            request.width, request.height, steps, guidance_scale,
             hashlib.sha256(data).hexdigest(), request.id_weight, start, identity,
         )
         plan = JobPlan(request, spec, items, delivery, "consistent")
@@ -305,7 +312,7 @@ class Worker:
         spec, request = plan.spec, plan.request
         if isinstance(spec, ConsistentSpec):
             return (spec,)
-        texts = [request.prompt] + ([request.negative_prompt] if spec.guidance_scale > 0 else [])
+        texts = [request.prompt] + ([request.negative_prompt] if spec.cfg else [])
         return (spec, tuple(self.engine.text_length_bucket(t) for t in texts))
 
     def _model_identity(self) -> dict[str, Any]:
@@ -460,8 +467,9 @@ class Worker:
                 {"name": "auto", "available": True, "reason": None, "resolves_to": self.resolve_workflow("auto")},
             ],
             "modes": [
-                {"name": "fast", "available": True, "reason": None},
-                {"name": "consistent", "available": self.consistent is not None, "reason": self.consistent_reason},
+                {"name": "fast", "available": True, "reason": None, "defaults": _sampling_defaults("fast")},
+                {"name": "consistent", "available": self.consistent is not None, "reason": self.consistent_reason,
+                 "defaults": _sampling_defaults("consistent")},
             ],
             "delivery": {"base64": True, "url": self.store is not None, "url_with_job_s3Config": True,
                          "result_cache": bool(self.store and self.store.config.result_cache)},

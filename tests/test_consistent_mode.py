@@ -132,6 +132,15 @@ def test_fallback_fast_runs_fast_mode_and_says_so(fast_only):
     assert np.array_equal(pixels(fell_back["images"][0]), pixels(fast["images"][0]))  # exactly the fast image
 
 
+def test_left_out_steps_and_guidance_follow_the_mode_that_ran(fast_only, handler_module):
+    sampling = {"prompt": PROMPT, "mode": "consistent", "reference_image": REFERENCE, "width": 64, "height": 64}
+    fell_back = run(fast_only, {**sampling, "fallback": "fast"})
+    assert (fell_back["settings"]["steps"], fell_back["settings"]["guidance_scale"]) == (8, 0.0)
+    ran = run_job(handler_module, sampling)
+    assert ran["errors"] == [] and ran["mode"] == "consistent"
+    assert (ran["settings"]["steps"], ran["settings"]["guidance_scale"]) == (20, 4.0)
+
+
 # -- batching across jobs --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def patient() -> Worker:

@@ -6,20 +6,24 @@ import hashlib
 import json
 import re
 import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from builder.fetch_models import FetchReport, fetch_models, main, pin_manifest
+from builder.fetch_models import BuildSource, FetchReport, ReleaseSource, fetch_models, main, pin_manifest
 from builder.manifest import (
     MANIFEST_PATH,
     MODEL_INFO_FILE,
     UNPINNED,
+    FileSpec,
     ManifestError,
     VerificationError,
     load_manifest,
     save_manifest,
 )
+from pipelines.pulid_flux import PARSING_WEIGHTS
 from pipelines.z_image import ModelIdentity
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +100,9 @@ def test_the_shipped_manifest_parses_and_names_the_bundle_layout() -> None:
     assert pulid["QuanSun/EVA-CLIP"].wants("EVA02_CLIP_L_336_psz14_s6B.pt")
     assert pulid["DIAMONIK7777/antelopev2"].target_dir == "insightface/models/antelopev2"
     assert not pulid["black-forest-labs/FLUX.1-dev"].wants("flux1-dev.safetensors")  # the single-file copy
+    parsing = pulid["github.com/xinntao/facexlib"]
+    assert parsing.release and parsing.revision == "v0.2.0" and parsing.include == ("parsing_bisenet.pth",)
+    assert parsing.target(FileSpec("parsing_bisenet.pth")) == f"facexlib/{PARSING_WEIGHTS}"
 
 
 def test_files_land_at_their_target_paths_with_model_info(tmp_path: Path, hub: FakeHub) -> None:
@@ -199,3 +206,61 @@ def test_the_builder_writes_the_file_the_worker_reads() -> None:
     from models.z_image_demo import MODEL_INFO_FILE as WORKER_MODEL_INFO_FILE
 
     assert MODEL_INFO_FILE == WORKER_MODEL_INFO_FILE
+
+
+class ReleaseHandler(BaseHTTPRequestHandler):
+    """GitHub's release API and download URL (which redirects to the asset's storage, as GitHub does)."""
+
+    assets: dict[str, bytes] = {}
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.path == "/api/repos/acme/parser/releases/tags/v1":
+            self._send(json.dumps({"assets": [{"name": n} for n in self.assets]}).encode())
+        elif self.path.startswith("/web/acme/parser/releases/download/v1/"):
+            self.send_response(302)
+            self.send_header("Location", "/storage/" + self.path.rsplit("/", 1)[1])
+            self.end_headers()
+        elif self.path.startswith("/storage/") and (name := self.path.removeprefix("/storage/")) in self.assets:
+            self._send(self.assets[name])
+        else:
+            self.send_error(404)
+
+    def _send(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def releases():
+    ReleaseHandler.assets = {"parser.pth": b"p" * 4000, "notes.txt": b"n"}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ReleaseHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    yield ReleaseSource(web=f"{base}/web", api=f"{base}/api", timeout=10)
+    server.shutdown()
+
+
+def test_release_assets_are_pinned_by_tag_and_sha256_and_then_verified(tmp_path: Path, hub: FakeHub, releases) -> None:
+    path = write_manifest(tmp_path / "m.json", pinned=False)
+    document = json.loads(path.read_text())
+    document["models"]["pulid-flux"]["sources"].append(
+        {"repo": "github.com/acme/parser", "revision": "v1", "target_dir": "facexlib", "include": ["*.pth"], "files": []})
+    path.write_text(json.dumps(document))
+    source = BuildSource(hub, releases)
+    assert "github.com/acme/parser: no file list" in load_manifest(path).model("pulid-flux").sources[-1].problems()
+
+    assert main(["--target", str(tmp_path / "pin"), "--manifest", str(path), "--pin", "--with-pulid"], source) == 0
+    pinned = load_manifest(path).model("pulid-flux").sources[-1]
+    assert pinned.pinned and pinned.revision == "v1"
+    assert pinned.files == (FileSpec("parser.pth", 4000, sha(b"p" * 4000)),)
+
+    assert main(["--target", str(tmp_path / "models"), "--manifest", str(path), "--with-pulid"], source) == 0
+    assert (tmp_path / "models/pulid-flux/facexlib/parser.pth").read_bytes() == b"p" * 4000
+    ReleaseHandler.assets["parser.pth"] = b"q" * 4000  # the asset was replaced under the same tag
+    with pytest.raises(VerificationError, match="parser.pth: sha256 mismatch"):
+        fetch_models(load_manifest(path), tmp_path / "other", source, ("pulid-flux",))

@@ -35,8 +35,9 @@ CAPABILITIES: dict[str, Any] = {
         {"name": "auto", "available": True, "reason": None, "resolves_to": "z-image-simple"},
     ],
     "modes": [
-        {"name": "fast", "available": True, "reason": None},
-        {"name": "consistent", "available": False, "reason": "fixture: no PuLID weights"},
+        {"name": "fast", "available": True, "reason": None, "defaults": {"steps": 8, "guidance_scale": 0.0}},
+        {"name": "consistent", "available": False, "reason": "fixture: no PuLID weights",
+         "defaults": {"steps": 20, "guidance_scale": 4.0}},
     ],
     "delivery": {"base64": True, "url": False, "url_with_job_s3Config": False, "result_cache": False},
     "limits": {

@@ -4,7 +4,6 @@ import math
 
 import torch
 
-from models.eva_clip import EVAVisionConfig, EVAVisionTower, load_eva_state_dict, rope_tables
 from models.pulid_modules import IDFormer, PerceiverAttentionCA, PuLIDModules
 
 
@@ -88,28 +87,3 @@ def test_idformer_tokens_shape_and_dependence_on_inputs():
     changed = former(id_cond, hidden[:4] + [hidden[4] + 1])
     assert not torch.allclose(tokens, changed), "the deepest ViT scale must reach the output"
     assert not torch.allclose(tokens, former(id_cond + 1, hidden))
-
-
-def test_rope_tables_follow_eva02_l_336_grid():
-    cos, sin = rope_tables(head_dim=64, grid=24, pretrain_grid=16)
-    assert cos.shape == sin.shape == (576, 64)
-    freqs = 1.0 / 10000 ** (torch.arange(0, 32, 2).float() / 32)
-    row, col = 5, 7
-    angles = torch.cat([(row * 16 / 24 * freqs).repeat_interleave(2), (col * 16 / 24 * freqs).repeat_interleave(2)])
-    torch.testing.assert_close(cos[row * 24 + col], angles.cos())
-    torch.testing.assert_close(sin[row * 24 + col], angles.sin())
-
-
-def test_eva_tower_hidden_states_and_checkpoint_loading():
-    config = EVAVisionConfig(image_size=28, patch_size=14, width=16, layers=6, heads=2, embed_dim=8, hidden_every=1)
-    torch.manual_seed(0)
-    source, target = EVAVisionTower(config), EVAVisionTower(config)
-    # an EVA-CLIP file holds the whole CLIP model and stores the rotary tables as buffers
-    checkpoint = {f"visual.{k}": v for k, v in source.state_dict().items()}
-    checkpoint |= {"visual.rope.freqs_cos": torch.zeros(4, 8), "text.token_embedding.weight": torch.zeros(3, 8)}
-    load_eva_state_dict(target, checkpoint)
-    pixels = torch.randn(2, 3, 28, 28)
-    embed, hidden = target(pixels)
-    assert embed.shape == (2, 8)
-    assert [h.shape for h in hidden] == [(2, 5, 16)] * 5
-    torch.testing.assert_close(embed, source(pixels)[0])

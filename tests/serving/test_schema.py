@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from serving.errors import JobError
@@ -55,7 +56,10 @@ def check(raw: Any) -> None:
     if isinstance(parsed, GenerateRequest):  # what passes is within the documented limits
         assert 64 <= parsed.width <= 2048 and 64 <= parsed.height <= 2048
         assert parsed.width % 16 == 0 and parsed.height % 16 == 0
-        assert 1 <= parsed.steps <= 50 and 1 <= parsed.num_images <= 16 and parsed.prompt.strip()
+        assert 1 <= parsed.num_images <= 16 and parsed.prompt.strip()
+        for mode in ("fast", "consistent"):
+            steps, guidance = parsed.sampling(mode)
+            assert 1 <= steps <= 50 and 0 <= guidance <= 20
         assert (parsed.mode == "consistent") == (parsed.reference_image is not None)
 
 
@@ -95,3 +99,16 @@ def test_unknown_fields_are_named_without_garbling_the_message():
     assert message({"prompt": "x", "line\nbreak": 1}) == "invalid_input: input: unknown field 'line\\nbreak'"
     long = message({"prompt": "x", "k" * 10_000: 1})
     assert long.startswith("invalid_input: input: unknown field 'kkk") and len(long) < 100
+
+
+def test_steps_and_guidance_default_for_the_mode_that_runs():
+    fast = parse_job_input({"prompt": "x"})
+    assert fast.sampling("fast") == (8, 0.0) and fast.sampling("consistent") == (20, 4.0)
+    chosen = parse_job_input({"prompt": "x", "steps": 6, "guidance_scale": 0.0})
+    assert chosen.sampling("fast") == chosen.sampling("consistent") == (6, 0.0)
+    consistent = {"prompt": "x", "mode": "consistent", "reference_image": "aGk="}
+    assert parse_job_input({**consistent, "identity_start_step": 19}).identity_start_step == 19
+    with pytest.raises(JobError, match="identity_start_step: must be less than steps"):
+        parse_job_input({**consistent, "identity_start_step": 20})
+    with pytest.raises(JobError, match="identity_start_step: must be less than steps"):
+        parse_job_input({**consistent, "identity_start_step": 5, "steps": 5})
