@@ -205,25 +205,34 @@ class ZImageEngine:
         return torch.cat(noises).float()
 
     def velocity_function(self, text: list[torch.Tensor], negative: list[torch.Tensor] | None, guidance: float):
-        """v(x, sigma) as ZImagePipeline computes it, with classifier-free guidance when asked."""
+        """v(x, sigma) as ZImagePipeline computes it, with classifier-free guidance when asked.
+
+        The transformer masks attention only when a batch's captions pad to different lengths.
+        The batcher never merges such prompts, so only CFG can mix them (prompt vs negative
+        prompt); then the two halves run as two unmasked calls instead of one masked call, which
+        keeps every forward on the fast (mask-free) attention kernel and its compiled graph.
+        """
         transformer = self.pipe.transformer
+        captions = text + (negative or [])
+        one_layout = len({-(-len(c) // CAPTION_PAD) for c in captions}) == 1
+
+        def forward(latents: torch.Tensor, model_t: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
+            out = transformer(list(latents.unsqueeze(2).unbind(0)), model_t, embeds, return_dict=False)[0]
+            return torch.stack([o.float() for o in out]).squeeze(2)
 
         def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
             batch = x.shape[0]
             # the pipeline's timestep arithmetic, in float32: t = sigma*1000, model sees (1000 - t)/1000
             model_t = ((1000 - sigma.to(x.device) * 1000) / 1000).expand(batch)
             latents = x.to(self.dtype)
-            embeds = text
-            if negative is not None:
-                latents = latents.repeat(2, 1, 1, 1)
-                embeds = text + negative
-                model_t = model_t.repeat(2)
-            out = transformer(list(latents.unsqueeze(2).unbind(0)), model_t, embeds, return_dict=False)[0]
-            out = torch.stack([o.float() for o in out]).squeeze(2)
-            if negative is not None:
-                positive, negative_out = out[:batch], out[batch:]
-                out = positive + guidance * (positive - negative_out)
-            return -out
+            if negative is None:
+                return -forward(latents, model_t, text)
+            if one_layout:
+                both = forward(latents.repeat(2, 1, 1, 1), model_t.repeat(2), text + negative)
+                positive, negative_out = both[:batch], both[batch:]
+            else:
+                positive, negative_out = forward(latents, model_t, text), forward(latents, model_t, negative)
+            return -(positive + guidance * (positive - negative_out))
 
         return velocity
 

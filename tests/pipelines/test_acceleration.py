@@ -19,14 +19,7 @@ from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
 
 
-@pytest.fixture(autouse=True)
-def _restore_global_attention_backend():
-    """set_attention_backend also sets diffusers' process-wide default: keep tests independent."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    saved = _AttentionBackendRegistry._active_backend
-    yield
-    _AttentionBackendRegistry.set_active_backend(saved)
+pytestmark = pytest.mark.usefixtures("restore_attention_backend")
 
 
 @pytest.fixture

@@ -25,6 +25,22 @@ def test_simple_workflow_reproduces_diffusers_pipeline_pixels(engine, guidance):
     assert np.array_equal(ours, (reference * 255).round().astype(np.uint8))
 
 
+def test_cfg_with_a_negative_prompt_of_another_length_never_masks_attention(engine, restore_attention_backend):
+    negative = "blurry, low quality, " * 6
+    assert engine.text_length_bucket(negative) != engine.text_length_bucket("a cat")
+    reference = engine.pipe(  # diffusers runs both halves as one masked batch
+        "a cat", negative_prompt=negative, height=64, width=64, num_inference_steps=3, guidance_scale=2.5,
+        generator=torch.Generator().manual_seed(5), output_type="np",
+    ).images[0]
+    transformer = engine.pipe.transformer
+    transformer.set_attention_backend("_native_flash")  # torch's flash kernel: runs on CPU, refuses masks
+    try:
+        ours = engine.generate([ImageItem("a cat", negative, 5)], BatchSpec(64, 64, 3, 2.5, "z-image-simple")).images[0]
+    finally:
+        transformer.reset_attention_backend()
+    assert_regenerates(ours, (reference * 255).round().astype(np.uint8))
+
+
 def test_batched_images_equal_their_single_runs(engine):
     spec = BatchSpec(64, 64, 2, 0.0, "z-image-danrisi")
     batch = engine.generate([ImageItem("a dog", "", seed) for seed in (1, 2, 3)], spec).images
