@@ -82,8 +82,7 @@ def align_face(rgb: np.ndarray, kps: np.ndarray) -> np.ndarray:
     matrix, _ = cv2.estimateAffinePartial2D(kps.astype(np.float32), FACE_TEMPLATE, method=cv2.LMEDS)
     if matrix is None:
         raise NoFace("the face's keypoints are degenerate; use a clearer, frontal photo")
-    face = cv2.warpAffine(rgb, matrix, (ALIGN_SIZE, ALIGN_SIZE), borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_RGB)
-    return face
+    return cv2.warpAffine(rgb, matrix, (ALIGN_SIZE, ALIGN_SIZE), borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_RGB)
 
 
 def face_features(face: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
@@ -125,7 +124,7 @@ class IdentityEncoder:
         features = face_features(pixels, self.parser.background_mask(pixels))
         pixels = eva_input(features, self.eva).to(self.dtype)
         eva_embed, eva_hidden = self.eva(pixels)
-        eva_embed = torch.nn.functional.normalize(eva_embed, dim=-1)
+        eva_embed = F.normalize(eva_embed, dim=-1)
         id_cond = torch.cat((arcface.to(self.device, self.dtype), eva_embed), dim=-1)
         tokens = self.idformer(id_cond, eva_hidden)
         return IdentityEmbedding(tokens=tokens, bbox=tuple(float(v) for v in face.bbox))

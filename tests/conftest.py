@@ -38,6 +38,18 @@ def pixels(image_entry: dict[str, Any]) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(image_entry["base64"]))).convert("RGB"))
 
 
+def force_parsing_label(parser, label: int) -> None:
+    """Make a BiSeNet face parser vote for ``label`` everywhere: its classifier's features are
+    >= 1 after the ReLU and only that class's weights are non-zero."""
+    import torch
+
+    head = parser.conv_out
+    with torch.no_grad():
+        head.conv.bn.bias.fill_(1.0)
+        head.conv_out.weight.zero_()
+        head.conv_out.weight[label] = 1.0
+
+
 def assert_regenerates(batched: np.ndarray, alone: np.ndarray) -> None:
     """An image regenerated alone equals its batched twin up to float rounding in batched kernels:
     at most one level on a few values (bitwise equality holds for the same batch shape)."""

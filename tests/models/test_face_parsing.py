@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models.face_parsing import BACKGROUND_LABELS, NUM_CLASSES, BiSeNet, load_parsing_state_dict
+from tests.conftest import force_parsing_label
 
 
 def published_bisenet_layout(width: int = 64) -> dict[str, tuple[int, ...]]:
@@ -84,20 +85,12 @@ def test_a_checkpoint_in_the_published_layout_loads_whole():
         load_parsing_state_dict(BiSeNet(width=4), checkpoint)
 
 
-def forced_parser(label: int) -> BiSeNet:
-    """A tiny parser whose classifier votes for ``label`` everywhere (its features are >= 1 after ReLU)."""
-    parser = BiSeNet(width=4).eval()
-    with torch.no_grad():
-        parser.conv_out.conv.bn.bias.fill_(1.0)
-        parser.conv_out.conv_out.weight.zero_()
-        parser.conv_out.conv_out.weight[label] = 1.0
-    return parser
-
-
 @pytest.mark.parametrize("label", range(NUM_CLASSES))
 def test_background_labels_are_those_pulid_paints_white(label):
     # face parts (skin 1, brows 2-3, eyes 4-5, glasses 6, nose 10, mouth/lips 11-13, hair 17) stay
-    mask = forced_parser(label).background_mask(torch.rand(1, 3, 64, 48))
+    parser = BiSeNet(width=4).eval()
+    force_parsing_label(parser, label)
+    mask = parser.background_mask(torch.rand(1, 3, 64, 48))
     assert mask.shape == (1, 1, 64, 48)
     assert mask.all() if label in BACKGROUND_LABELS else not mask.any()
 

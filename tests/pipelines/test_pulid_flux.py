@@ -7,6 +7,7 @@ import torch
 from models.demo_pulid import ensure_demo_bundle
 from pipelines.identity import IdentityCache, IdentityEmbedding, MultipleFaces, NoFace
 from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
+from tests.conftest import force_parsing_label
 
 SIZE = dict(width=64, height=64, steps=3, guidance_scale=3.5)
 PROMPT = "portrait photo of a person"
@@ -43,6 +44,20 @@ def test_identity_tokens_have_published_shape_and_depend_on_the_face(pipe, ident
     assert identity.tokens.shape == (1, 4, 16)  # tiny: num_queries 4, id_dim 16 (real: 32 x 2048)
     other = pipe.compute_identity(reference(1))
     assert not torch.allclose(identity.tokens, other.tokens)
+
+
+def test_face_parsing_decides_what_eva_sees(pipe):
+    """All-background parsing paints the whole face white, so EVA's part of the identity changes."""
+    encoder = pipe.identity_encoder
+    saved = {k: v.clone() for k, v in encoder.parser.state_dict().items()}
+    tokens = {}
+    try:
+        for label in (0, 1):  # background everywhere / skin everywhere (then EVA sees the gray face)
+            force_parsing_label(encoder.parser, label)
+            tokens[label] = encoder.encode(reference(0)).tokens
+    finally:
+        encoder.parser.load_state_dict(saved)
+    assert not torch.allclose(tokens[0], tokens[1])
 
 
 def test_identity_changes_the_image_and_weight_zero_is_plain_flux(pipe, identity):
