@@ -36,6 +36,7 @@ from builder.manifest import (  # noqa: E402
     SourceSpec,
     VerificationError,
     file_digest,
+    is_release,
     load_manifest,
     pinned_copy,
     save_manifest,
@@ -113,7 +114,7 @@ class BuildSource:
         self.hub, self.releases = hub, releases
 
     def _for(self, repo: str) -> Source:
-        return self.releases if repo.startswith(RELEASE_PREFIX) else self.hub
+        return self.releases if is_release(repo) else self.hub
 
     def resolve(self, repo: str, revision: str) -> str:
         return self._for(repo).resolve(repo, revision)

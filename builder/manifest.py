@@ -53,6 +53,11 @@ class FileSpec:
 RELEASE_PREFIX = "github.com/"
 
 
+def is_release(repo: str) -> bool:
+    """A `github.com/{owner}/{name}` source is a GitHub release, any other a Hugging Face hub repo."""
+    return repo.startswith(RELEASE_PREFIX)
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """Files of one hub repo at one revision, placed under `target_dir` of the model's folder.
@@ -69,7 +74,7 @@ class SourceSpec:
 
     @property
     def release(self) -> bool:
-        return self.repo.startswith(RELEASE_PREFIX)
+        return is_release(self.repo)
 
     @property
     def pinned(self) -> bool:

@@ -66,6 +66,11 @@ class BatchSpec:
         return self.guidance_scale > 0
 
 
+def padded_caption_length(tokens: int) -> int:
+    """The length ZImageTransformer2DModel pads a caption of `tokens` tokens to."""
+    return -(-tokens // CAPTION_PAD) * CAPTION_PAD
+
+
 @dataclass(frozen=True)
 class ImageItem:
     """One image to make: its own prompt, negative prompt and seed."""
@@ -179,7 +184,7 @@ class ZImageEngine:
     def text_length_bucket(self, prompt: str) -> int:
         """The caption length the transformer pads this prompt to (a multiple of 32 tokens)."""
         tokens = len(self.pipe.tokenizer(self._chat(prompt), max_length=MAX_TEXT_TOKENS, truncation=True).input_ids)
-        return -(-tokens // CAPTION_PAD) * CAPTION_PAD
+        return padded_caption_length(tokens)
 
     def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
         tokenizer = self.pipe.tokenizer
@@ -214,7 +219,7 @@ class ZImageEngine:
         """
         transformer = self.pipe.transformer
         captions = text + (negative or [])
-        one_layout = len({-(-len(c) // CAPTION_PAD) for c in captions}) == 1
+        one_layout = len({padded_caption_length(len(c)) for c in captions}) == 1
 
         def forward(latents: torch.Tensor, model_t: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
             out = transformer(list(latents.unsqueeze(2).unbind(0)), model_t, embeds, return_dict=False)[0]

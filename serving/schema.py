@@ -118,9 +118,7 @@ class GenerateRequest(BaseModel):
     @field_validator("guidance_scale")
     @classmethod
     def _guidance(cls, value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and 0.0 <= value <= MAX_GUIDANCE):
-            raise ValueError(f"must be a finite number between 0 and {MAX_GUIDANCE:g}")
-        return value
+        return None if value is None else _finite_up_to(value, MAX_GUIDANCE)
 
     @field_validator("seed")
     @classmethod
@@ -142,9 +140,7 @@ class GenerateRequest(BaseModel):
     @field_validator("id_weight")
     @classmethod
     def _id_weight(cls, value: float) -> float:
-        if not (math.isfinite(value) and 0.0 <= value <= MAX_ID_WEIGHT):
-            raise ValueError(f"must be a finite number between 0 and {MAX_ID_WEIGHT:g}")
-        return value
+        return _finite_up_to(value, MAX_ID_WEIGHT)
 
     @field_validator("identity_start_step")
     @classmethod
@@ -193,6 +189,12 @@ class _FieldRule(ValueError):
 def _between(value: int, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"must be between {low} and {high}")
+    return value
+
+
+def _finite_up_to(value: float, high: float) -> float:
+    if not (math.isfinite(value) and 0.0 <= value <= high):
+        raise ValueError(f"must be a finite number between 0 and {high:g}")
     return value
 
 
