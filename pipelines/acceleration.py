@@ -92,27 +92,59 @@ class AccelerationReport:
 
 
 # -- attention ---------------------------------------------------------------------------------
-class MaskRoutedAttnProcessor:
-    """Z-Image attention that sends unmasked calls to a fast kernel and masked calls to one that
-    accepts masks. Masks only appear when a batch mixes caption lengths (a CFG batch whose negative
-    prompt pads differently), so the common case keeps the fast kernel."""
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of `x` [B, S, H, D] by complex `freqs_cis` [B, S, D/2], in real arithmetic.
 
-    def __init__(self, unmasked: str, masked: str) -> None:
-        from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+    Same float32 maths as diffusers' complex product (a + ib)(c + id), written so that Inductor
+    fuses it with the QK norm and the casts into one kernel: complex multiplication is an eager
+    fallback inside a compiled graph, costing three extra passes over q and k in every block."""
+    cos_sin = torch.view_as_real(freqs_cis).unsqueeze(2)  # [B, S, 1, D/2, 2]; a view, no copy
+    cos, sin = cos_sin[..., 0], cos_sin[..., 1]
+    pairs = x.float().unflatten(-1, (-1, 2))
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = ((real * cos - imag * sin).type_as(x), (real * sin + imag * cos).type_as(x))
+    return torch.stack(rotated, dim=-1).flatten(3)  # cast before the stack: written once, in x's dtype
 
-        self.unmasked, self.masked = ZSingleStreamAttnProcessor(), ZSingleStreamAttnProcessor()
-        self.unmasked._attention_backend = unmasked
-        self.masked._attention_backend = masked
+
+class ZImageAttnProcessor:
+    """Z-Image attention as diffusers' ZSingleStreamAttnProcessor computes it, with two serving
+    changes: RoPE in real arithmetic (`apply_rope`), and masked calls sent to `masked_backend`.
+    Masks only appear when a batch mixes caption lengths, which no serving call does (the engine
+    splits such CFG steps), so every serving call keeps the fast kernel."""
+
+    _parallel_config = None
+
+    def __init__(self, backend: str | None = None, masked_backend: str | None = None) -> None:
+        self._attention_backend = backend  # the attribute diffusers' set_attention_backend writes
+        self.masked_backend = masked_backend or backend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
-        target = self.unmasked if attention_mask is None else self.masked
-        return target(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        query = attn.to_q(hidden_states).unflatten(-1, (attn.heads, -1))
+        key = attn.to_k(hidden_states).unflatten(-1, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(-1, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if freqs_cis is not None:
+            query, key = apply_rope(query, freqs_cis), apply_rope(key, freqs_cis)
+        if attention_mask is not None and attention_mask.ndim == 2:  # [B, S] → broadcast over heads, queries
+            attention_mask = attention_mask[:, None, None, :]
+        backend = self._attention_backend if attention_mask is None else self.masked_backend
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                              is_causal=False, backend=backend, parallel_config=self._parallel_config)
+        return attn.to_out[0](hidden_states.flatten(2, 3).to(query.dtype))
 
 
-def _attention_modules(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+def install_processor(transformer: torch.nn.Module, processor: object) -> None:
+    """One processor object for every attention layer (it holds no per-layer state)."""
     from diffusers.models.attention_processor import Attention
 
-    return [m for m in transformer.modules() if isinstance(m, Attention)]
+    for module in transformer.modules():
+        if isinstance(module, Attention):
+            module.set_processor(processor)
 
 
 @torch.no_grad()
@@ -132,16 +164,15 @@ def _first_line(err: BaseException) -> str:
 
 
 def select_attention(transformer: torch.nn.Module, choice: str, report: AccelerationReport) -> None:
-    """Set the first backend of `choice` that runs here; route masked calls elsewhere if it refuses masks."""
+    """Install `ZImageAttnProcessor` with the first backend of `choice` that runs here, and a
+    masked backend that accepts masks if that one refuses them."""
     from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
-    for module in _attention_modules(transformer):  # a previous selection's router would hide the new backend
-        if isinstance(module.processor, MaskRoutedAttnProcessor):
-            module.set_processor(ZSingleStreamAttnProcessor())
     order = AUTO_ORDER if choice == "auto" else tuple(dict.fromkeys((choice, "native")))
     for unmasked, masked in [pair for name in order for pair in BACKEND_CHAINS[name]]:
         try:
-            transformer.set_attention_backend(unmasked)
+            transformer.set_attention_backend(unmasked)  # diffusers checks the kernel's package is there
+            install_processor(transformer, ZImageAttnProcessor(unmasked))
             probe_attention(transformer, masked=False)
         except (RuntimeError, ValueError, ImportError, AssertionError) as err:
             report.notes.append(f"attention {unmasked} unavailable: {_first_line(err)}")
@@ -151,13 +182,12 @@ def select_attention(transformer: torch.nn.Module, choice: str, report: Accelera
             masked = unmasked
         except (RuntimeError, ValueError) as err:
             report.notes.append(f"attention {unmasked} refuses masks ({_first_line(err)}): masked calls use {masked}")
-            router = MaskRoutedAttnProcessor(unmasked, masked)
-            for module in _attention_modules(transformer):
-                module.set_processor(router)
+            install_processor(transformer, ZImageAttnProcessor(unmasked, masked))
             probe_attention(transformer, masked=True)
         report.attention, report.attention_masked = unmasked, masked
         break
-    else:  # nothing ran, not even native SDPA: leave diffusers' default and say so
+    else:  # nothing ran, not even native SDPA: put diffusers' own processor back and say so
+        install_processor(transformer, ZSingleStreamAttnProcessor())
         transformer.reset_attention_backend()
     for note in report.notes:
         log.info("%s", note)
@@ -212,7 +242,7 @@ def apply_fp8_guarded(
     try:  # float8 kernels fail at the first matmul on GPUs below SM 8.9: render inside the try
         quantize(transformer, set(names))
         score = psnr_db(reference, guard_images(engine, size))
-    except (ImportError, RuntimeError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - optional path: torchao refuses hardware with asserts; any failure → bf16
         report.notes.append(f"FP8 refused: {type(err).__name__}: {err}")
         log.warning("FP8 refused, serving bf16: %s: %s", type(err).__name__, err)
         _restore(transformer, originals)

@@ -3,8 +3,13 @@ attention dispatch, FP8 layer choice and its quality guard, and that CPU stays p
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +17,8 @@ import torch
 
 from models.z_image_demo import build_pipeline, ensure_demo_model
 from pipelines.acceleration import (
-    AccelerationPlan, AccelerationReport, MaskRoutedAttnProcessor, apply_fp8_guarded, fp8_target_names, psnr_db,
-    select_attention,
+    MEGA_CACHE_FILE, AccelerationPlan, AccelerationReport, ZImageAttnProcessor, apply_fp8_guarded, fp8_target_names, guard_images,
+    install_processor, psnr_db, select_attention,
 )
 from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
@@ -101,6 +106,14 @@ def test_masks_are_skipped_when_every_caption_pads_alike(transformer):
         _forward(transformer, [20, 50])  # 32 vs 64 tokens: masked
 
 
+def test_serving_processor_computes_what_diffusers_computes(transformer):
+    """Real-arithmetic RoPE and the mask routing change no bit: the same float32 products."""
+    references = [_forward(transformer, lengths) for lengths in ([20, 25], [20, 50])]
+    install_processor(transformer, ZImageAttnProcessor())
+    for lengths, reference in zip(([20, 25], [20, 50]), references):
+        assert torch.equal(_forward(transformer, lengths), reference)
+
+
 def test_backend_refusing_masks_routes_masked_calls(transformer):
     reference = _forward(transformer, [20, 50])  # diffusers' default (native SDPA)
     report = AccelerationReport()
@@ -108,7 +121,8 @@ def test_backend_refusing_masks_routes_masked_calls(transformer):
     # cuDNN has no CPU kernel; torch's flash kernel runs here but refuses masks.
     assert (report.attention, report.attention_masked) == ("_native_flash", "native")
     assert any("_native_cudnn unavailable" in note for note in report.notes)
-    assert isinstance(transformer.layers[0].attention.processor, MaskRoutedAttnProcessor)
+    processor = transformer.layers[0].attention.processor
+    assert (processor._attention_backend, processor.masked_backend) == ("_native_flash", "native")
     torch.testing.assert_close(_forward(transformer, [20, 50]), reference, rtol=1e-4, atol=1e-5)
 
 
@@ -120,11 +134,46 @@ def test_missing_kernel_falls_back_to_native(transformer):
     assert _forward(transformer, [20, 50]).isfinite().all()
 
 
-def test_reselection_replaces_a_previous_router(transformer):
+def test_reselection_replaces_the_previous_routing(transformer):
     select_attention(transformer, "sdpa", AccelerationReport())
     select_attention(transformer, "native", report := AccelerationReport())
     assert report.attention == "native"
-    assert not isinstance(transformer.layers[0].attention.processor, MaskRoutedAttnProcessor)
+    processor = transformer.layers[0].attention.processor
+    assert (processor._attention_backend, processor.masked_backend) == ("native", "native")
+
+
+# -- compile ---------------------------------------------------------------------------------------
+def _compiled_generation(cache_dir: Path) -> dict:
+    """tests/pipelines/compiled_generation.py in a fresh interpreter: Inductor compiles on CPU too."""
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("compiled_generation.py")), str(cache_dir)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def first_compile(tmp_path_factory) -> tuple[Path, dict]:
+    cache_dir = tmp_path_factory.mktemp("compile-cache")
+    return cache_dir, _compiled_generation(cache_dir)
+
+
+def test_regional_compile_keeps_the_pixels_and_serves_new_shapes_without_recompiling(first_compile):
+    _, run = first_compile
+    assert run["compiled_blocks"] == run["blocks"] > 0
+    assert max(run["max_pixel_diff"]) <= 1  # compiled kernels may round the last float bit differently
+    static, symbolic, after_new_shapes = run["unique_graphs"]
+    assert symbolic == 2 * static  # the first new batch size: one recompile per block kind, batch symbolic
+    assert after_new_shapes == symbolic  # another batch size and caption length: no compile at all
+    assert run["fxgraph_cache_miss"] > 0 and Path(run["saved"]).stat().st_size > 0
+
+
+def test_the_saved_compile_cache_alone_spares_a_restarted_worker_the_compile(first_compile, tmp_path):
+    cache_dir, _ = first_compile
+    shutil.copy(cache_dir / MEGA_CACHE_FILE, tmp_path / MEGA_CACHE_FILE)  # no inductor dir: the file alone
+    restarted = _compiled_generation(tmp_path)
+    assert restarted["notes"] == [f"compile cache loaded from {tmp_path / MEGA_CACHE_FILE}"]
+    assert restarted["fxgraph_cache_miss"] == 0 and restarted["fxgraph_cache_hit"] > 0
+    assert max(restarted["max_pixel_diff"]) <= 1
 
 
 # -- FP8 -----------------------------------------------------------------------------------------
@@ -177,13 +226,15 @@ def test_fp8_guard_accepts_a_faithful_quantization(demo_dir):
     assert report.fp8 is True and report.fp8_psnr_db == math.inf
 
 
-def test_fp8_without_torchao_is_refused_not_raised(demo_dir):
-    try:
-        import torchao  # noqa: F401
-        pytest.skip("torchao is installed here")
-    except ImportError:
-        pass
+def test_real_torchao_refusing_the_hardware_leaves_a_working_bf16_engine(demo_dir):
+    """torchao reports unsupported hardware (here: no SM >= 8.9 GPU) with an AssertionError, not
+    a RuntimeError: the guard must refuse FP8, put every weight back and keep serving."""
     engine = ZImageEngine.load(demo_dir, "cpu")
+    transformer = engine.pipe.transformer
+    before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, 1)}
+    reference = guard_images(engine, 64)
     report = AccelerationReport()
-    apply_fp8_guarded(engine, _guard_plan(30), report, size=64)
-    assert report.fp8 is False and "torchao" in report.notes[0]
+    apply_fp8_guarded(engine, _guard_plan(30), report, size=64)  # the real torchao quantizer
+    assert report.fp8 is False and report.notes[0].startswith("FP8 refused: ")
+    assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
+    np.testing.assert_array_equal(guard_images(engine, 64), reference)
