@@ -54,7 +54,7 @@ class AccelerationPlan:
     fp8: bool = False
     fp8_keep_last_blocks: int = 4
     fp8_min_psnr_db: float = 30.0
-    text_encoder_on_cpu: bool = False
+    text_encoder: str = "gpu"  # gpu | cpu | auto (decided by the worker once every model is loaded)
     warmup: bool = False
 
     @classmethod
@@ -72,7 +72,7 @@ class AccelerationPlan:
             fp8=cuda and settings.fp8,
             fp8_keep_last_blocks=settings.fp8_keep_last_blocks,
             fp8_min_psnr_db=float(settings.fp8_min_psnr_db),
-            text_encoder_on_cpu=cuda and settings.text_encoder_device == "cpu",
+            text_encoder=settings.text_encoder_device if cuda else "gpu",
             warmup=cuda and settings.warmup is not False,
         )
 
@@ -299,14 +299,34 @@ def save_compile_cache(cache_dir: Path | None) -> Path | None:
     return target
 
 
+# -- text encoder placement ----------------------------------------------------------------------
+def offload_text_encoder(engine: "ZImageEngine", report: AccelerationReport, reason: str) -> None:
+    """Qwen3-4B (≈7.5 GiB in bf16) to the CPU: new prompts then encode there, in seconds, and are
+    cached; the GPU memory goes to the batch."""
+    engine.pipe.text_encoder.to("cpu")
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    report.text_encoder_device = "cpu"
+    report.notes.append(f"text encoder on the CPU: {reason}")
+    log.warning("text encoder on the CPU (%s): each new prompt takes seconds to encode", reason)
+
+
+def place_text_encoder(engine: "ZImageEngine", report: AccelerationReport, free_bytes: int,
+                       one_image_bytes: float) -> None:
+    """TEXT_ENCODER_DEVICE=auto, once every model is loaded: the text encoder stays on the GPU
+    (prompts encode in milliseconds) unless the memory left could not hold one default-size image."""
+    if free_bytes < one_image_bytes:
+        offload_text_encoder(engine, report, f"auto: {free_bytes / 2**30:.1f} GiB free after loading, "
+                                             f"one image needs {one_image_bytes / 2**30:.1f} GiB")
+
+
 # -- entry points ----------------------------------------------------------------------------------
 def accelerate(engine: "ZImageEngine", plan: AccelerationPlan) -> AccelerationReport:
     """Apply the plan to a freshly loaded engine; order matters: text encoder placement, attention
     (probed eagerly), FP8 (its guard needs the eager model), then compile."""
     report = AccelerationReport()
-    if plan.text_encoder_on_cpu:
-        engine.pipe.text_encoder.to("cpu")
-        report.text_encoder_device = "cpu"
+    if plan.text_encoder == "cpu":
+        offload_text_encoder(engine, report, "TEXT_ENCODER_DEVICE=cpu")
     if plan.attention != "auto" or engine.device.type == "cuda":
         select_attention(engine.pipe.transformer, plan.attention, report)
     if plan.fp8:

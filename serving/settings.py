@@ -128,7 +128,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         fp8=_bool(env, "FP8", False),
         fp8_keep_last_blocks=_int(env, "FP8_KEEP_LAST_BLOCKS", 4, 0, 64),
         fp8_min_psnr_db=_int(env, "FP8_MIN_PSNR_DB", 30, 0, 100),
-        text_encoder_device=_choice(env, "TEXT_ENCODER_DEVICE", "gpu", ("gpu", "cpu")),
+        text_encoder_device=_choice(env, "TEXT_ENCODER_DEVICE", "auto", ("auto", "gpu", "cpu")),
         warmup=_auto_bool(env, "WARMUP"),
     )
 

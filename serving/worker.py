@@ -23,7 +23,7 @@ import torch
 
 from models.demo_pulid import BUNDLE_VERSION, ensure_demo_bundle
 from models.z_image_demo import ensure_demo_model
-from pipelines.acceleration import AccelerationPlan, save_compile_cache, warm_up
+from pipelines.acceleration import AccelerationPlan, place_text_encoder, save_compile_cache, warm_up
 from pipelines.identity import IdentityError, MultipleFaces
 from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
 from pipelines.samplers import SamplingStopped
@@ -110,6 +110,11 @@ class JobPlan:
         return params
 
 
+def activation_bytes(spec: BatchSpec | ConsistentSpec) -> float:
+    """Peak activation memory of one image of `spec` on the GPU (CFG runs a second forward)."""
+    return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20 * (2 if spec.cfg else 1)
+
+
 class Worker:
     """Owns the warm engines, the scheduler and the encode/upload pool for the process's lifetime."""
 
@@ -142,9 +147,11 @@ class Worker:
         plan = AccelerationPlan.from_settings(settings, device)
         engine = ZImageEngine.load(model_dir, device, settings.prompt_cache_size, plan)
         consistent, reason = cls._load_consistent(settings, device)
+        spec = BatchSpec(WARMUP_SIZE, WARMUP_SIZE, 2, 0.0, "z-image-simple")
+        if plan.text_encoder == "auto":  # every model is on the GPU now: what is left decides
+            place_text_encoder(engine, engine.acceleration, torch.cuda.mem_get_info()[0], activation_bytes(spec))
         worker = cls(settings, engine, consistent, reason)
         if plan.warmup:  # compile and autotune now, at the default size and every batch size, not in a job
-            spec = BatchSpec(WARMUP_SIZE, WARMUP_SIZE, 2, 0.0, "z-image-simple")
             engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE,
                                                     list(range(1, worker.max_batch_for(spec) + 1)))
             save_compile_cache(plan.compile_cache_dir if plan.compile else None)
@@ -177,9 +184,7 @@ class Worker:
             return self.settings.max_batch
         if self.engine.device.type != "cuda":
             return CPU_MAX_BATCH
-        per_image = ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20
-        per_image *= 2 if spec.cfg else 1
-        return max(1, min(MAX_IMAGES, int(self._free_bytes // per_image)))
+        return max(1, min(MAX_IMAGES, int(self._free_bytes // activation_bytes(spec))))
 
     def _run_batch(self, items: list[ImageItem], spec: BatchSpec | ConsistentSpec, should_stop) -> BatchResult:
         """The batcher's one entry to the models: route by mode."""

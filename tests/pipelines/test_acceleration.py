@@ -18,7 +18,7 @@ import torch
 from models.z_image_demo import build_pipeline, ensure_demo_model
 from pipelines.acceleration import (
     MEGA_CACHE_FILE, AccelerationPlan, AccelerationReport, ZImageAttnProcessor, apply_fp8_guarded, fp8_target_names, guard_images,
-    install_processor, psnr_db, select_attention,
+    install_processor, place_text_encoder, psnr_db, select_attention,
 )
 from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
@@ -50,7 +50,7 @@ def _forward(transformer, caption_lengths: list[int]) -> torch.Tensor:
 def test_defaults_leave_the_device_to_decide():
     settings = load_settings({})
     assert (settings.attention_backend, settings.compile, settings.fp8, settings.text_encoder_device,
-            settings.warmup) == ("auto", None, False, "gpu", None)
+            settings.warmup) == ("auto", None, False, "auto", None)
     assert (settings.fp8_keep_last_blocks, settings.fp8_min_psnr_db) == (4, 30)
     assert settings.compile_cache_dir == REPO_ROOT / ".cache" / "torch-compile"
 
@@ -76,16 +76,16 @@ def test_cpu_plan_is_plain_and_says_why(caplog):
     settings = load_settings({"COMPILE": "1", "FP8": "1", "WARMUP": "1", "TEXT_ENCODER_DEVICE": "cpu"})
     with caplog.at_level(logging.WARNING, logger="pipelines.acceleration"):
         plan = AccelerationPlan.from_settings(settings, "cpu")
-    assert (plan.compile, plan.fp8, plan.warmup, plan.text_encoder_on_cpu) == (False, False, False, False)
+    assert (plan.compile, plan.fp8, plan.warmup, plan.text_encoder) == (False, False, False, "gpu")
     assert "COMPILE=1 ignored on cpu" in caplog.text and "FP8=1 refused on cpu" in caplog.text
 
 
 def test_cuda_plan_defaults_on_with_off_switches():
     on = AccelerationPlan.from_settings(load_settings({}), "cuda")
-    assert (on.compile, on.warmup, on.fp8, on.text_encoder_on_cpu) == (True, True, False, False)
+    assert (on.compile, on.warmup, on.fp8, on.text_encoder) == (True, True, False, "auto")
     off = AccelerationPlan.from_settings(load_settings({"COMPILE": "0", "WARMUP": "0", "FP8": "1",
                                                         "TEXT_ENCODER_DEVICE": "cpu"}), "cuda")
-    assert (off.compile, off.warmup, off.fp8, off.text_encoder_on_cpu) == (False, False, True, True)
+    assert (off.compile, off.warmup, off.fp8, off.text_encoder) == (False, False, True, "cpu")
 
 
 def test_cpu_load_with_default_plan_touches_nothing(demo_dir):
@@ -94,6 +94,17 @@ def test_cpu_load_with_default_plan_touches_nothing(demo_dir):
     report = engine.acceleration
     assert (report.attention, report.compiled, report.fp8) == ("default", False, False)
     assert all(block._compiled_call_impl is None for block in engine.pipe.transformer.layers)
+
+
+@pytest.mark.parametrize("free_gib, placed", [(2.0, "cpu"), (40.0, "same")])
+def test_auto_text_encoder_leaves_the_gpu_only_when_one_image_would_not_fit(demo_dir, free_gib, placed):
+    """24 GB card: ≈2 GiB left after 20.9 GB of weights, under the 4.5 GiB a 1024² image needs."""
+    engine = ZImageEngine.load(demo_dir, "cpu")
+    report = AccelerationReport()
+    place_text_encoder(engine, report, free_bytes=int(free_gib * 2**30), one_image_bytes=4.5 * 2**30)
+    assert report.text_encoder_device == placed
+    assert (report.notes == []) == (placed == "same")
+    assert engine.encode_prompts(["a red fox"])[0].device == engine.device  # encodings still land on the engine
 
 
 # -- attention -----------------------------------------------------------------------------------
