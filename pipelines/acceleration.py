@@ -1,10 +1,11 @@
-"""CUDA speed switches for the Z-Image engine: attention backend, regional compile, FP8, warm-up.
+"""CUDA speed switches for the Z-Image engine: attention (backend and a compile-friendly
+processor), regional compile with a persistent cache, FP8, text encoder placement, warm-up.
 
 The settings are resolved once into an `AccelerationPlan` for the device. On CPU the plan is all
 off and the engine runs plain diffusers code; on CUDA each switch has an off switch
 (docs/PERFORMANCE.md). Everything that can fail on a given GPU or software stack (a missing
-attention kernel, a kernel that refuses masks, FP8 that hurts quality) is tried once at load, with
-a log line saying what was chosen and why, so the first job never discovers it.
+attention kernel, a kernel that refuses masks, FP8 that hurts quality or is refused) is tried once
+at load, with a log line saying what was chosen and why, so the first job never discovers it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ GUARD_PROMPT = "a portrait photo of a woman in a red wool coat on a city street,
 GUARD_SEEDS = (0, 1)
 GUARD_SIZE = 512
 GUARD_STEPS = 8
+WARMUP_PROMPT = "warm-up"
+WARMUP_LONG_PROMPT = "warm-up " * 40  # another 32-token caption bucket than WARMUP_PROMPT, any tokenizer
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class AccelerationReport:
     fp8: bool = False
     fp8_psnr_db: float | None = None
     text_encoder_device: str = "same"
-    warmup_ms: dict[int, float] = field(default_factory=dict)
+    warmup_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -336,16 +339,21 @@ def accelerate(engine: "ZImageEngine", plan: AccelerationPlan) -> AccelerationRe
     return report
 
 
-def warm_up(engine: "ZImageEngine", width: int, height: int, batch_sizes: list[int], steps: int = 2) -> dict[int, float]:
-    """One generation per batch size, smallest first, so compiles, autotuning and allocator growth
-    happen before the first job (batch 1 compiles static, batch 2 once with a symbolic batch)."""
+def warm_up(engine: "ZImageEngine", width: int, height: int, batch_sizes: list[int], steps: int = 2) -> dict[str, float]:
+    """Generations that leave nothing to compile for the first jobs: each batch size, smallest
+    first (batch 1 compiles static, batch 2 once with a symbolic batch), then batch 1 again with a
+    caption of another length. Dynamo specialises size 1, so batch 1 keeps its own graph, static
+    in the sequence length until it sees a second one; after that pass, jobs of any batch size,
+    caption length or image size reuse the graphs (tests/pipelines/test_acceleration.py)."""
     from pipelines.z_image import BatchSpec, ImageItem
 
-    spent: dict[int, float] = {}
-    for size in batch_sizes:
+    runs = [(f"batch {size}", size, WARMUP_PROMPT) for size in batch_sizes]
+    runs.append(("batch 1, long prompt", 1, WARMUP_LONG_PROMPT))
+    spent: dict[str, float] = {}
+    for name, size, prompt in runs:
         started = time.perf_counter()
-        engine.generate([ImageItem("warm-up", "", seed) for seed in range(size)],
+        engine.generate([ImageItem(prompt, "", seed) for seed in range(size)],
                         BatchSpec(width, height, steps, 0.0, "z-image-simple"))
-        spent[size] = round((time.perf_counter() - started) * 1000, 1)
-        log.info("warm-up batch %d at %dx%d: %.0f ms", size, width, height, spent[size])
+        spent[name] = round((time.perf_counter() - started) * 1000, 1)
+        log.info("warm-up %s at %dx%d: %.0f ms", name, width, height, spent[name])
     return spent

@@ -168,13 +168,12 @@ def first_compile(tmp_path_factory) -> tuple[Path, dict]:
     return cache_dir, _compiled_generation(cache_dir)
 
 
-def test_regional_compile_keeps_the_pixels_and_serves_new_shapes_without_recompiling(first_compile):
+def test_after_warm_up_jobs_of_new_batch_sizes_captions_and_sizes_compile_nothing(first_compile):
     _, run = first_compile
     assert run["compiled_blocks"] == run["blocks"] > 0
+    assert run["graphs_after_warmup"] > 0
+    assert run["graphs_after_each_job"] == [run["graphs_after_warmup"]] * len(run["graphs_after_each_job"])
     assert max(run["max_pixel_diff"]) <= 1  # compiled kernels may round the last float bit differently
-    static, symbolic, after_new_shapes = run["unique_graphs"]
-    assert symbolic == 2 * static  # the first new batch size: one recompile per block kind, batch symbolic
-    assert after_new_shapes == symbolic  # another batch size and caption length: no compile at all
     assert run["fxgraph_cache_miss"] > 0 and Path(run["saved"]).stat().st_size > 0
 
 
