@@ -118,8 +118,13 @@ class ZImageAttnProcessor:
     _parallel_config = None
 
     def __init__(self, backend: str | None = None, masked_backend: str | None = None) -> None:
-        self._attention_backend = backend  # the attribute diffusers' set_attention_backend writes
-        self.masked_backend = masked_backend or backend
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        # Enum members, not names: converting a name inside a compiled graph does not trace on
+        # every torch version. `_attention_backend` is the attribute set_attention_backend writes.
+        self._attention_backend = AttentionBackendName(backend) if backend else None
+        masked_backend = masked_backend or backend
+        self.masked_backend = AttentionBackendName(masked_backend) if masked_backend else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -212,11 +217,13 @@ def fp8_target_names(transformer: torch.nn.Module, keep_last_blocks: int) -> lis
 
 
 def torchao_float8(transformer: torch.nn.Module, names: set[str]) -> None:
-    """Float8 dynamic activation + float8 weight, per-row scales (torchao; imported only when asked)."""
+    """Float8 dynamic activation + float8 weight, per-row scales (torchao; imported only when asked).
+    set_inductor_config=False: torchao would otherwise change process-wide Inductor and matmul
+    settings, which a refusal could not undo and which would lengthen every compile."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-              filter_fn=lambda module, fqn: fqn in names)
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    quantize_(transformer, config, filter_fn=lambda module, fqn: fqn in names)
 
 
 def psnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -110,6 +110,13 @@ class JobPlan:
         return params
 
 
+def free_gpu_bytes() -> int:
+    """Free GPU memory once the allocator has returned what load-time forwards (attention probes,
+    the FP8 guard) or a failed load left cached: that memory is free for jobs too."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
 def activation_bytes(spec: BatchSpec | ConsistentSpec) -> float:
     """Peak activation memory of one image of `spec` on the GPU (CFG runs a second forward)."""
     return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20 * (2 if spec.cfg else 1)
@@ -126,7 +133,7 @@ class Worker:
         self.consistent_reason = consistent_reason
         self.needs_refresh = False
         self.progress_sink: ProgressSink = lambda job, payload: None
-        self._free_bytes = torch.cuda.mem_get_info()[0] if engine.device.type == "cuda" else 0
+        self._free_bytes = free_gpu_bytes() if engine.device.type == "cuda" else 0
         self.encode_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self._identity_pool = ThreadPoolExecutor(1, thread_name_prefix="identity")
         self.store = ImageStore(settings.storage, executor=self.encode_pool) if settings.storage else None
@@ -149,7 +156,7 @@ class Worker:
         consistent, reason = cls._load_consistent(settings, device)
         spec = BatchSpec(WARMUP_SIZE, WARMUP_SIZE, 2, 0.0, "z-image-simple")
         if plan.text_encoder == "auto":  # every model is on the GPU now: what is left decides
-            place_text_encoder(engine, engine.acceleration, torch.cuda.mem_get_info()[0], activation_bytes(spec))
+            place_text_encoder(engine, engine.acceleration, free_gpu_bytes(), activation_bytes(spec))
         worker = cls(settings, engine, consistent, reason)
         if plan.warmup:  # compile and autotune now, at the default size and every batch size, not in a job
             engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE,
