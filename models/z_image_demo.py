@@ -13,8 +13,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
 DEMO_NAME = "z-image-tiny-random-v1"
 MODEL_INFO_FILE = "model_info.json"
@@ -53,7 +57,7 @@ def build_tokenizer():
 
 def build_pipeline():
     """The tiny pipeline with deterministic random weights (same shapes every time)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
 
     tokenizer = build_tokenizer()
@@ -88,24 +92,38 @@ def build_pipeline():
         )
     )
     torch.manual_seed(2)
-    vae = AutoencoderKL(
+    vae = z_image_vae(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
+    return ZImagePipeline(
+        scheduler=z_image_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
+    )
+
+
+def z_image_vae(block_out_channels: list[int], layers_per_block: int, norm_num_groups: int) -> "AutoencoderKL":
+    """Z-Image's VAE layout (Flux's: 16 latent channels, its scaling and shift, no quant convs)
+    at the given widths; the demo model and the GPU benchmark's full-size model both use it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 16, 16],
-        layers_per_block=1,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
         latent_channels=16,
-        norm_num_groups=4,
+        norm_num_groups=norm_num_groups,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    return ZImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
-    )
+
+
+def z_image_scheduler() -> "FlowMatchEulerDiscreteScheduler":
+    """Z-Image-Turbo's scheduler config: flow-match Euler, shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 
 
 def ensure_demo_model(cache_dir: Path) -> Path:

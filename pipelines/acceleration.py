@@ -40,7 +40,7 @@ AUTO_ORDER = ("flash3", "flash", "sdpa", "native")
 RECOMPILE_LIMIT = 64
 MEGA_CACHE_FILE = "mega-cache.bin"
 GUARD_PROMPT = "a portrait photo of a woman in a red wool coat on a city street, evening light"
-GUARD_SEEDS = (0, 1)
+GUARD_IMAGES = 2  # seeds 0 and 1
 GUARD_SIZE = 512
 GUARD_STEPS = 8
 WARMUP_PROMPT = "warm-up"
@@ -234,10 +234,7 @@ def psnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 def guard_images(engine: "ZImageEngine", size: int) -> np.ndarray:
     """The fixed-seed images both precisions must agree on."""
-    from pipelines.z_image import BatchSpec, ImageItem
-
-    items = [ImageItem(GUARD_PROMPT, "", seed) for seed in GUARD_SEEDS]
-    return engine.generate(items, BatchSpec(size, size, GUARD_STEPS, 0.0, "z-image-simple")).images
+    return engine.generate_fixed(GUARD_PROMPT, GUARD_IMAGES, size, size, GUARD_STEPS).images
 
 
 def apply_fp8_guarded(
@@ -352,15 +349,12 @@ def warm_up(engine: "ZImageEngine", width: int, height: int, batch_sizes: list[i
     caption of another length. Dynamo specialises size 1, so batch 1 keeps its own graph, static
     in the sequence length until it sees a second one; after that pass, jobs of any batch size,
     caption length or image size reuse the graphs (tests/pipelines/test_acceleration.py)."""
-    from pipelines.z_image import BatchSpec, ImageItem
-
     runs = [(f"batch {size}", size, WARMUP_PROMPT) for size in batch_sizes]
     runs.append(("batch 1, long prompt", 1, WARMUP_LONG_PROMPT))
     spent: dict[str, float] = {}
     for name, size, prompt in runs:
         started = time.perf_counter()
-        engine.generate([ImageItem(prompt, "", seed) for seed in range(size)],
-                        BatchSpec(width, height, steps, 0.0, "z-image-simple"))
+        engine.generate_fixed(prompt, size, width, height, steps)
         spent[name] = round((time.perf_counter() - started) * 1000, 1)
         log.info("warm-up %s at %dx%d: %.0f ms", name, width, height, spent[name])
     return spent

@@ -283,3 +283,9 @@ class ZImageEngine:
         images = self.decode(latents)
         mark("decoding", started)
         return BatchResult(images=images, timings_ms=timings)
+
+    def generate_fixed(self, prompt: str, count: int, width: int, height: int, steps: int) -> BatchResult:
+        """`count` images of one prompt, seeds 0..count-1, no CFG, the simple workflow: the fixed
+        batches of the warm-up, the FP8 guard and the benchmarks."""
+        items = [ImageItem(prompt, "", seed) for seed in range(count)]
+        return self.generate(items, BatchSpec(width, height, steps, 0.0, "z-image-simple"))

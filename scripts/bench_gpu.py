@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.z_image_demo import MODEL_INFO_FILE, build_tokenizer  # noqa: E402
+from models.z_image_demo import MODEL_INFO_FILE, build_tokenizer, z_image_scheduler, z_image_vae  # noqa: E402
 from pipelines.acceleration import AccelerationPlan, accelerate, warm_up  # noqa: E402
-from pipelines.z_image import BatchSpec, ImageItem, ZImageEngine, serving_dtype  # noqa: E402
+from pipelines.z_image import ZImageEngine, serving_dtype  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 
 # A prompt whose chat-templated byte-level tokens pad to 128, the caption length of the FLOP anchor.
@@ -101,7 +101,7 @@ def _cheap_init(module: torch.nn.Module) -> None:
 
 def build_random_pipeline(size: str, device: str, dtype: torch.dtype):
     """The ZImagePipeline of `size` with random weights: meta construction, then `to_empty` on `device`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
     from transformers import Qwen3Config, Qwen3Model
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
@@ -110,10 +110,7 @@ def build_random_pipeline(size: str, device: str, dtype: torch.dtype):
     with torch.device("meta"):
         transformer = ZImageTransformer2DModel(**config["transformer"])
         text_encoder = Qwen3Model(text_config)
-        vae = AutoencoderKL(
-            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=16,
-            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False, **config["vae"],
-        )
+        vae = z_image_vae(**config["vae"])
     torch.manual_seed(0)
     for model in (transformer, text_encoder, vae):
         model.to_empty(device=device)
@@ -121,8 +118,7 @@ def build_random_pipeline(size: str, device: str, dtype: torch.dtype):
         model.to(dtype)
     # RoPE frequencies are computed buffers, not weights: to_empty left them uninitialised.
     text_encoder.rotary_emb = Qwen3RotaryEmbedding(text_config).to(device)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
-    return ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(),
+    return ZImagePipeline(scheduler=z_image_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(),
                           transformer=transformer)
 
 
@@ -143,8 +139,7 @@ def _timed_batch(engine: ZImageEngine, count: int, side: int, device: str) -> di
 
 
 def _batch(engine: ZImageEngine, count: int, width: int, height: int, prompt: str = PROMPT):
-    items = [ImageItem(prompt, "", seed) for seed in range(count)]
-    return engine.generate(items, BatchSpec(width, height, STEPS, 0.0, "z-image-simple"))
+    return engine.generate_fixed(prompt, count, width, height, STEPS)
 
 
 def peak_tflops(device: str) -> tuple[str, float | None]:

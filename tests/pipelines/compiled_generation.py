@@ -19,7 +19,7 @@ from models.z_image_demo import ensure_demo_model  # noqa: E402
 from pipelines.acceleration import (  # noqa: E402
     AccelerationReport, compile_blocks, save_compile_cache, select_attention, warm_up,
 )
-from pipelines.z_image import BatchSpec, ImageItem, ZImageEngine  # noqa: E402
+from pipelines.z_image import ZImageEngine  # noqa: E402
 from serving.settings import REPO_ROOT  # noqa: E402
 
 WARMUP_SIDE, WARMUP_BATCHES = 64, [1, 2, 3]
@@ -33,8 +33,7 @@ JOBS = [
 
 
 def images(engine: ZImageEngine, count: int, prompt: str, width: int, height: int) -> np.ndarray:
-    items = [ImageItem(prompt, "", seed) for seed in range(count)]
-    return engine.generate(items, BatchSpec(width, height, 2, 0.0, "z-image-simple")).images
+    return engine.generate_fixed(prompt, count, width, height, 2).images
 
 
 def main(cache_dir: Path) -> None:
