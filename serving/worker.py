@@ -158,9 +158,8 @@ class Worker:
         if plan.text_encoder == "auto":  # every model is on the GPU now: what is left decides
             place_text_encoder(engine, engine.acceleration, free_gpu_bytes(), activation_bytes(spec))
         worker = cls(settings, engine, consistent, reason)
-        if plan.warmup:  # compile and autotune now, at the default size and every batch size, not in a job
-            engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE,
-                                                    list(range(1, worker.max_batch_for(spec) + 1)))
+        if plan.warmup:  # compile now, at the default size, not in a job
+            engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE, worker.max_batch_for(spec))
             save_compile_cache(plan.compile_cache_dir if plan.compile else None)
         return worker
 

@@ -18,7 +18,7 @@ import torch
 from models.z_image_demo import build_pipeline, ensure_demo_model
 from pipelines.acceleration import (
     MEGA_CACHE_FILE, AccelerationPlan, AccelerationReport, ZImageAttnProcessor, apply_fp8_guarded, fp8_target_names, guard_images,
-    install_processor, place_text_encoder, psnr_db, select_attention,
+    install_processor, place_text_encoder, psnr_db, select_attention, warm_up,
 )
 from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
@@ -159,6 +159,15 @@ def _compiled_generation(cache_dir: Path) -> dict:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("max_batch, runs", [
+    (1, ["batch 1", "batch 1, long prompt"]),
+    (12, ["batch 1", "batch 2", "batch 1, long prompt"]),  # batch 2's symbolic graph serves 3..12
+])
+def test_warm_up_runs_the_shapes_that_compile_and_no_more(demo_dir, max_batch, runs):
+    engine = ZImageEngine.load(demo_dir, "cpu")
+    assert list(warm_up(engine, 32, 32, max_batch, steps=1)) == runs
 
 
 @pytest.fixture(scope="module")
