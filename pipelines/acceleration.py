@@ -293,6 +293,18 @@ def compile_blocks(transformer: torch.nn.Module, cache_dir: Path | None, report:
     report.compiled = True
 
 
+def abandon_compile(transformer: torch.nn.Module, report: AccelerationReport, err: BaseException) -> None:
+    """A compile that fails (no working compiler, a kernel Inductor cannot build for this GPU, a
+    tensor it cannot trace) puts the blocks back to eager for the rest of the process: slower, but
+    the worker keeps serving instead of failing its start or every job."""
+    for module in transformer.modules():
+        module._compiled_call_impl = None  # what nn.Module.compile() set: calls go to forward again
+    torch._dynamo.reset()
+    report.compiled = False
+    report.notes.append(f"compile failed, serving eager: {_first_line(err)}")
+    log.error("compile failed, serving eager from now on: %s", err)
+
+
 def save_compile_cache(cache_dir: Path | None) -> Path | None:
     """Write the mega-cache (inductor, autotune and dynamo artifacts) atomically after warm-up."""
     artifacts = torch.compiler.save_cache_artifacts() if cache_dir is not None else None

@@ -14,6 +14,7 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from threading import Lock
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from models.z_image_demo import MODEL_INFO_FILE
-from pipelines.acceleration import AccelerationPlan, AccelerationReport, accelerate
+from pipelines.acceleration import AccelerationPlan, AccelerationReport, abandon_compile, accelerate
 from pipelines.samplers import StopCheck, beta_sigmas, sample_euler, sample_res_2s, simple_sigmas
 
 log = logging.getLogger(__name__)
@@ -246,11 +247,21 @@ class ZImageEngine:
         self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None, spec: BatchSpec,
         should_stop: StopCheck,
     ) -> torch.Tensor:
+        """The sampling loop. If the compiled blocks fail to compile (at warm-up, or for a shape
+        first seen in a job), the engine turns eager for good and samples again from the same noise."""
         shift = float(self.pipe.scheduler.config.get("shift", 3.0))
         velocity = self.velocity_function(text, negative, spec.guidance_scale)
         if spec.workflow == "z-image-danrisi":
-            return sample_res_2s(noise, beta_sigmas(spec.steps, shift), velocity, should_stop)
-        return sample_euler(noise, simple_sigmas(spec.steps, shift), velocity, should_stop)
+            sample = partial(sample_res_2s, noise, beta_sigmas(spec.steps, shift), velocity, should_stop)
+        else:
+            sample = partial(sample_euler, noise, simple_sigmas(spec.steps, shift), velocity, should_stop)
+        try:
+            return sample()
+        except torch._dynamo.exc.TorchDynamoException as err:  # Inductor's errors derive from it
+            if not self.acceleration.compiled:
+                raise
+            abandon_compile(self.pipe.transformer, self.acceleration, err)
+        return sample()
 
     # -- stage 3: pixels ------------------------------------------------------------------------
     @torch.no_grad()

@@ -160,7 +160,7 @@ class Worker:
         worker = cls(settings, engine, consistent, reason)
         if plan.warmup:  # compile now, at the default size, not in a job
             engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE, worker.max_batch_for(spec))
-            save_compile_cache(plan.compile_cache_dir if plan.compile else None)
+            save_compile_cache(plan.compile_cache_dir if engine.acceleration.compiled else None)
         return worker
 
     @staticmethod

@@ -17,7 +17,8 @@ import torch
 
 from models.z_image_demo import build_pipeline, ensure_demo_model
 from pipelines.acceleration import (
-    MEGA_CACHE_FILE, AccelerationPlan, AccelerationReport, ZImageAttnProcessor, apply_fp8_guarded, fp8_target_names, guard_images,
+    MEGA_CACHE_FILE, AccelerationPlan, AccelerationReport, ZImageAttnProcessor, apply_fp8_guarded, compile_blocks,
+    fp8_target_names, guard_images,
     install_processor, place_text_encoder, psnr_db, select_attention, warm_up,
 )
 from pipelines.z_image import ZImageEngine
@@ -192,6 +193,23 @@ def test_the_saved_compile_cache_alone_spares_a_restarted_worker_the_compile(fir
     assert restarted["notes"] == [f"compile cache loaded from {tmp_path / MEGA_CACHE_FILE}"]
     assert restarted["fxgraph_cache_miss"] == 0 and restarted["fxgraph_cache_hit"] > 0
     assert max(restarted["max_pixel_diff"]) <= 1
+
+
+def test_a_failing_compile_turns_the_engine_eager_and_the_batch_still_renders(demo_dir, tmp_path, monkeypatch):
+    """A real Inductor failure (no working C++ compiler; on a GPU, Triton or ptxas failing alike)
+    during the first compiled batch: the batch renders eagerly, and so does every later one."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compile_blocks sets it; restored after
+    engine = ZImageEngine.load(demo_dir, "cpu")
+    eager = engine.generate_fixed("a cat", 2, 32, 32, 2).images
+    compile_blocks(engine.pipe.transformer, tmp_path, engine.acceleration)
+    with torch._inductor.config.patch({"cpp.cxx": ("/nonexistent/c++",)}):
+        first = engine.generate_fixed("a cat", 2, 32, 32, 2).images
+        later = engine.generate_fixed("a cat", 2, 32, 32, 2).images
+    assert engine.acceleration.compiled is False
+    assert [n for n in engine.acceleration.notes if n.startswith("compile failed, serving eager")]
+    assert all(m._compiled_call_impl is None for m in engine.pipe.transformer.modules())
+    np.testing.assert_array_equal(first, eager)
+    np.testing.assert_array_equal(later, eager)
 
 
 # -- FP8 -----------------------------------------------------------------------------------------
