@@ -282,12 +282,19 @@ def compile_blocks(transformer: torch.nn.Module, cache_dir: Path | None, report:
     length separately (minutes of warm-up); marking dims dynamic by hand is not possible from
     outside, because the batched tensors are built inside the transformer's forward."""
     if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a volume not mounted, a read-only path: compile without a cache
+            report.notes.append(f"compile cache off: {cache_dir} is not usable ({err})")
+            log.warning("compile cache off: %s is not usable (%s)", cache_dir, err)
+            cache_dir = None
+    if cache_dir is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")
         mega = cache_dir / MEGA_CACHE_FILE
-        if mega.is_file():
-            torch.compiler.load_cache_artifacts(mega.read_bytes())
-            report.notes.append(f"compile cache loaded from {mega}")
+        if mega.is_file():  # torch returns None, with a warning, for bytes it cannot read
+            loaded = torch.compiler.load_cache_artifacts(mega.read_bytes())
+            report.notes.append(f"compile cache loaded from {mega}" if loaded else
+                                f"compile cache {mega} unreadable (another torch version?): compiling afresh")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=None)
     report.compiled = True
@@ -306,14 +313,19 @@ def abandon_compile(transformer: torch.nn.Module, report: AccelerationReport, er
 
 
 def save_compile_cache(cache_dir: Path | None) -> Path | None:
-    """Write the mega-cache (inductor, autotune and dynamo artifacts) atomically after warm-up."""
+    """Write the mega-cache (inductor, autotune and dynamo artifacts) atomically after warm-up.
+    A cache that cannot be written costs the next start a compile, not this one its start."""
     artifacts = torch.compiler.save_cache_artifacts() if cache_dir is not None else None
     if not artifacts:
         return None
     target = cache_dir / MEGA_CACHE_FILE
     staging = target.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_bytes(artifacts[0])
-    os.replace(staging, target)
+    try:
+        staging.write_bytes(artifacts[0])
+        os.replace(staging, target)
+    except OSError as err:
+        log.warning("compile cache not saved to %s: %s", target, err)
+        return None
     log.info("compile cache saved to %s (%d bytes)", target, len(artifacts[0]))
     return target
 

@@ -1,7 +1,7 @@
 """Run by tests/pipelines/test_acceleration.py in a fresh process (a restarted worker, as far as
 dynamo and Inductor's in-memory caches know): the demo engine's eager images for a few jobs, then
 what a CUDA worker does at start (attention selection, regional compile, warm-up) on CPU, the
-same jobs compiled, and the compile cache saved. Prints one JSON line."""
+same jobs compiled, and the compile cache saved (and once to a path it cannot be written to). Prints one JSON line."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ def main(cache_dir: Path) -> None:
     for job, reference in zip(JOBS, eager):
         max_diff.append(int(np.abs(images(engine, *job).astype(int) - reference).max()))
         graphs.append(counters["stats"]["unique_graphs"])
+    unwritable = save_compile_cache(Path("/dev/null"))  # not a directory: logged, start goes on
     saved = save_compile_cache(cache_dir)
     blocks = [m for m in transformer.modules() if type(m).__name__ in transformer._repeated_blocks]
     print(json.dumps({
@@ -57,6 +58,7 @@ def main(cache_dir: Path) -> None:
         "graphs_after_warmup": graphs_after_warmup, "graphs_after_each_job": graphs, "max_pixel_diff": max_diff,
         "notes": report.notes, "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
         "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"], "saved": str(saved) if saved else None,
+        "saved_unwritable": unwritable,
     }))
 
 

@@ -184,6 +184,7 @@ def test_after_warm_up_jobs_of_new_batch_sizes_captions_and_sizes_compile_nothin
     assert run["graphs_after_each_job"] == [run["graphs_after_warmup"]] * len(run["graphs_after_each_job"])
     assert max(run["max_pixel_diff"]) <= 1  # compiled kernels may round the last float bit differently
     assert run["fxgraph_cache_miss"] > 0 and Path(run["saved"]).stat().st_size > 0
+    assert run["saved_unwritable"] is None
 
 
 def test_the_saved_compile_cache_alone_spares_a_restarted_worker_the_compile(first_compile, tmp_path):
@@ -210,6 +211,23 @@ def test_a_failing_compile_turns_the_engine_eager_and_the_batch_still_renders(de
     assert all(m._compiled_call_impl is None for m in engine.pipe.transformer.modules())
     np.testing.assert_array_equal(first, eager)
     np.testing.assert_array_equal(later, eager)
+
+
+def test_an_unusable_compile_cache_dir_compiles_without_a_cache(demo_dir, tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    report = AccelerationReport()
+    compile_blocks(ZImageEngine.load(demo_dir, "cpu").pipe.transformer, not_a_dir / "cache", report)
+    assert report.compiled and report.notes[0].startswith(f"compile cache off: {not_a_dir / 'cache'} is not usable")
+
+
+def test_an_unreadable_compile_cache_file_is_said_and_skipped(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compile_blocks sets it; restored after
+    (tmp_path / MEGA_CACHE_FILE).write_bytes(b"written by another torch version")
+    report = AccelerationReport()
+    compile_blocks(ZImageEngine.load(demo_dir, "cpu").pipe.transformer, tmp_path, report)
+    assert report.compiled and report.notes == [
+        f"compile cache {tmp_path / MEGA_CACHE_FILE} unreadable (another torch version?): compiling afresh"]
 
 
 # -- FP8 -----------------------------------------------------------------------------------------
