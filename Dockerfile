@@ -3,9 +3,11 @@
 #   docker build -t z-image-worker .                                    # fast mode only
 #   docker build --build-arg WITH_PULID=1 --secret id=hf_token,env=HF_TOKEN -t z-image-worker:pulid .
 #
-# CUDA "base" is enough: the torch cu128 wheels bring their own CUDA/cuDNN libraries; the driver
-# comes from the host. Pin the digest too once you have pulled it (docker buildx imagetools inspect).
-FROM nvidia/cuda:12.8.1-base-ubuntu24.04
+# CUDA "base" is enough: torch brings its CUDA, cuDNN and NCCL libraries as pip packages; the driver
+# comes from the host. The base's CUDA (13.0) is the one torch 2.13.0 on PyPI is built for, so the
+# NVIDIA runtime refuses, with a clear message, a host whose driver is too old (needs >= 580).
+# Pin the digest too once you have pulled it (docker buildx imagetools inspect).
+FROM nvidia/cuda:13.0.2-base-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 # python3-dev + g++: torch.compile (Triton, Inductor) builds small C extensions at run time.
@@ -18,9 +20,9 @@ ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
 COPY requirements.txt .
-# The CUDA build of the pinned torch first; requirements.txt's torch==2.13.0 is then already met.
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128 \
-    && pip install -r requirements.txt
+# torch==2.13.0 from PyPI is the Linux CUDA 13.0 build (its wheel requires cuda-toolkit 13.0 and
+# nvidia-cudnn-cu13). PyTorch publishes no CUDA 12.8 build of 2.12 or later.
+RUN pip install -r requirements.txt
 
 # Weights before the code, so a code change does not download them again.
 ARG WITH_PULID=0

@@ -32,14 +32,22 @@ def position(fragment: str) -> int:
     return next(i for i, line in enumerate(INSTRUCTIONS) if fragment in line)
 
 
-def test_torch_is_the_cuda_build_of_the_version_requirements_pin() -> None:
+# torch==2.13.0 on PyPI is the Linux build for CUDA 13.0 (its wheel requires cuda-toolkit 13.0 and
+# nvidia-cudnn-cu13); PyTorch publishes no CUDA 12.8 build of 2.12 or later.
+TORCH_PIN, TORCH_CUDA = "torch==2.13.0", "13.0"
+
+
+def test_the_image_installs_the_pinned_torch_for_the_cuda_its_base_and_hosts_have() -> None:
     requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     pins = [line for line in requirements if line]
     assert all("==" in line for line in pins), "every runtime requirement is pinned"
-    assert "torch==2.13.0" in pins
-    install = INSTRUCTIONS[position("pip install torch==")]
-    assert re.search(r"pip install torch==2\.13\.0 --index-url https://download\.pytorch\.org/whl/cu\d+", install)
-    assert "pip install -r requirements.txt" in install
+    assert TORCH_PIN in pins
+    install = INSTRUCTIONS[position("pip install")]
+    assert install == "RUN pip install -r requirements.txt"  # PyPI's build: no other index, no other torch
+    assert not any("--index-url" in line or "torch==" in line for line in INSTRUCTIONS)
+    assert re.fullmatch(rf"FROM nvidia/cuda:{re.escape(TORCH_CUDA)}\.\d+-base-ubuntu24\.04", INSTRUCTIONS[0])
+    for name in ("hub.json", "tests.json"):
+        assert json.loads((ROOT / ".runpod" / name).read_text())["config"]["allowedCudaVersions"] == [TORCH_CUDA]
 
 
 def test_weights_are_fetched_before_the_worker_goes_offline() -> None:
