@@ -1,7 +1,8 @@
 """Run by tests/pipelines/test_acceleration.py in a fresh process (a restarted worker, as far as
 dynamo and Inductor's in-memory caches know): the demo engine's eager images for a few jobs, then
 what a CUDA worker does at start (attention selection, regional compile, warm-up) on CPU, the
-same jobs compiled, and the compile cache saved (and once to a path it cannot be written to). Prints one JSON line."""
+same jobs compiled, and the compile cache saved (and once to a path it cannot be written to).
+Prints one JSON line."""
 
 from __future__ import annotations
 

@@ -18,8 +18,7 @@ import torch
 from models.z_image_demo import build_pipeline, ensure_demo_model
 from pipelines.acceleration import (
     MEGA_CACHE_FILE, AccelerationPlan, AccelerationReport, ZImageAttnProcessor, apply_fp8_guarded, compile_blocks,
-    fp8_target_names, guard_images,
-    install_processor, place_text_encoder, psnr_db, select_attention, warm_up,
+    fp8_target_names, guard_images, install_processor, place_text_encoder, psnr_db, select_attention, warm_up,
 )
 from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
