@@ -15,7 +15,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 MANIFEST_PATH = Path(__file__).resolve().parent / "manifest.json"
-MODEL_INFO_FILE = "model_info.json"  # read by pipelines.z_image.ModelIdentity.from_dir
+MODEL_INFO_FILE = "model_info.json"  # read by pipelines.z_image.read_model_identity
 UNPINNED = "UNPINNED-run-builder/fetch_models.py--pin"
 PIN_HELP = (
     "To pin: python builder/fetch_models.py --pin --target /tmp/models [--with-pulid]\n"

@@ -31,7 +31,7 @@ from models.eva_clip import EVAVisionConfig, EVAVisionTower
 from models.face_parsing import BiSeNet
 from models.pulid_modules import IDFormer, PuLIDModules
 
-BUNDLE_VERSION = "demo-pulid-v2"
+BUNDLE_VERSION = "demo-pulid-v3"  # v3: model_info.json names the bundle
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 
 HIDDEN = 32  # FLUX inner dim: 2 heads x 16
@@ -59,6 +59,8 @@ def ensure_demo_bundle(cache_dir: Path = DEFAULT_CACHE) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=BUNDLE_VERSION, dir=cache_dir))
     try:
         build_bundle(staging)
+        model_info = {"id": "demo-pulid-flux", "revision": BUNDLE_VERSION, "demo": True}
+        (staging / "model_info.json").write_text(json.dumps(model_info))
         (staging / "READY").write_text("ok\n")
         if target.exists():  # another process finished first
             shutil.rmtree(staging)

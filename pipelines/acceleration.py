@@ -1,11 +1,12 @@
-"""CUDA speed switches for the Z-Image engine: attention (backend and a compile-friendly
-processor), regional compile with a persistent cache, FP8, text encoder placement, warm-up.
+"""CUDA speed switches for a diffusion transformer: attention (backend and a compile-friendly
+processor), regional compile with a persistent cache and an eager fallback, guarded FP8.
 
-The settings are resolved once into an `AccelerationPlan` for the device. On CPU the plan is all
-off and the engine runs plain diffusers code; on CUDA each switch has an off switch
-(docs/PERFORMANCE.md). Everything that can fail on a given GPU or software stack (a missing
-attention kernel, a kernel that refuses masks, FP8 that hurts quality or is refused) is tried once
-at load, with a log line saying what was chosen and why, so the first job never discovers it.
+Everything here works on a transformer module and on callables it is handed (the guard's
+renderer), never on an engine, so any pipeline can use it and nothing here imports one. The
+start-up that applies the switches in order is pipelines/startup.py. Everything that can fail on
+a given GPU or software stack (a missing attention kernel, a kernel that refuses masks, FP8 that
+hurts quality or is refused, a compiler that does not work) is tried once at start, with a log
+line saying what was chosen and why, so the first job never discovers it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from pipelines.z_image import ZImageEngine
-    from serving.settings import Settings
-
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # (backend for unmasked calls, backend for masked calls), best first. FlashAttention kernels refuse
@@ -39,17 +37,12 @@ AUTO_ORDER = ("flash3", "flash", "sdpa", "native")
 # would silently drop blocks back to eager once a few text lengths and sizes have been seen.
 RECOMPILE_LIMIT = 64
 MEGA_CACHE_FILE = "mega-cache.bin"
-GUARD_PROMPT = "a portrait photo of a woman in a red wool coat on a city street, evening light"
-GUARD_IMAGES = 2  # seeds 0 and 1
-GUARD_SIZE = 512
-GUARD_STEPS = 8
-WARMUP_PROMPT = "warm-up"
-WARMUP_LONG_PROMPT = "warm-up " * 40  # another 32-token caption bucket than WARMUP_PROMPT, any tokenizer
 
 
 @dataclass(frozen=True)
 class AccelerationPlan:
-    """The switches as they apply to one device (resolved from Settings, never from env here)."""
+    """The switches as they apply to one device (serving/startup.py resolves them from Settings).
+    The defaults are the CPU's: everything off."""
 
     attention: str = "auto"
     compile: bool = False
@@ -60,25 +53,6 @@ class AccelerationPlan:
     text_encoder: str = "gpu"  # gpu | cpu | auto (decided by the worker once every model is loaded)
     warmup: bool = False
 
-    @classmethod
-    def from_settings(cls, settings: "Settings", device: str) -> "AccelerationPlan":
-        """CUDA gets compile and warm-up by default; CPU refuses compile and FP8 with a log, not a crash."""
-        cuda = device == "cuda"
-        if settings.compile and not cuda:
-            log.warning("COMPILE=1 ignored on %s: regional compile is a CUDA switch", device)
-        if settings.fp8 and not cuda:
-            log.warning("FP8=1 refused on %s: float8 matmuls need a CUDA GPU with compute capability >= 8.9", device)
-        return cls(
-            attention=settings.attention_backend,
-            compile=cuda and settings.compile is not False,
-            compile_cache_dir=settings.compile_cache_dir,
-            fp8=cuda and settings.fp8,
-            fp8_keep_last_blocks=settings.fp8_keep_last_blocks,
-            fp8_min_psnr_db=float(settings.fp8_min_psnr_db),
-            text_encoder=settings.text_encoder_device if cuda else "gpu",
-            warmup=cuda and settings.warmup is not False,
-        )
-
 
 @dataclass
 class AccelerationReport:
@@ -88,6 +62,7 @@ class AccelerationReport:
     attention_masked: str = "default"
     compiled: bool = False
     fp8: bool = False
+    fp8_layers: int = 0  # linear layers running in float8
     fp8_psnr_db: float | None = None
     text_encoder_device: str = "same"
     warmup_ms: dict[str, float] = field(default_factory=dict)
@@ -232,23 +207,18 @@ def psnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-def guard_images(engine: "ZImageEngine", size: int) -> np.ndarray:
-    """The fixed-seed images both precisions must agree on."""
-    return engine.generate_fixed(GUARD_PROMPT, GUARD_IMAGES, size, size, GUARD_STEPS).images
-
-
 def apply_fp8_guarded(
-    engine: "ZImageEngine", plan: AccelerationPlan, report: AccelerationReport,
-    quantize: Callable[[torch.nn.Module, set[str]], None] = torchao_float8, size: int = GUARD_SIZE,
+    transformer: torch.nn.Module, render_guard: Callable[[], np.ndarray], plan: AccelerationPlan,
+    report: AccelerationReport, quantize: Callable[[torch.nn.Module, set[str]], None] = torchao_float8,
 ) -> None:
-    """Quantize, compare the guard images with bf16, and put the bf16 weights back if PSNR is too low."""
-    transformer = engine.pipe.transformer
+    """Quantize, render the fixed guard images again, and put the bf16 weights back if their PSNR
+    against the bf16 render is too low. `render_guard` is the pipeline's own fixed-seed batch."""
     names = fp8_target_names(transformer, plan.fp8_keep_last_blocks)
-    reference = guard_images(engine, size)
+    reference = render_guard()
     originals = {name: transformer.get_submodule(name).weight for name in names}
     try:  # float8 kernels fail at the first matmul on GPUs below SM 8.9: render inside the try
         quantize(transformer, set(names))
-        score = psnr_db(reference, guard_images(engine, size))
+        score = psnr_db(reference, render_guard())
     except Exception as err:  # noqa: BLE001 - optional path: torchao refuses hardware with asserts; any failure → bf16
         report.notes.append(f"FP8 refused: {type(err).__name__}: {err}")
         log.warning("FP8 refused, serving bf16: %s: %s", type(err).__name__, err)
@@ -260,7 +230,7 @@ def apply_fp8_guarded(
         report.notes.append(f"FP8 refused: guard PSNR {score:.1f} dB < FP8_MIN_PSNR_DB={plan.fp8_min_psnr_db:g}")
         log.warning("FP8 refused, serving bf16: guard PSNR %.1f dB < %g dB", score, plan.fp8_min_psnr_db)
         return
-    report.fp8 = True
+    report.fp8, report.fp8_layers = True, len(names)
     log.info("FP8 on for %d linear layers (last %d blocks bf16); guard PSNR %.1f dB",
              len(names), plan.fp8_keep_last_blocks, score)
 
@@ -300,16 +270,24 @@ def compile_blocks(transformer: torch.nn.Module, cache_dir: Path | None, report:
     report.compiled = True
 
 
-def abandon_compile(transformer: torch.nn.Module, report: AccelerationReport, err: BaseException) -> None:
-    """A compile that fails (no working compiler, a kernel Inductor cannot build for this GPU, a
-    tensor it cannot trace) puts the blocks back to eager for the rest of the process: slower, but
-    the worker keeps serving instead of failing its start or every job."""
-    for module in transformer.modules():
-        module._compiled_call_impl = None  # what nn.Module.compile() set: calls go to forward again
-    torch._dynamo.reset()
-    report.compiled = False
-    report.notes.append(f"compile failed, serving eager: {_first_line(err)}")
-    log.error("compile failed, serving eager from now on: %s", err)
+def with_compile_fallback(run: Callable[[], T], transformer: torch.nn.Module, report: AccelerationReport) -> T:
+    """`run()`; if the compiled blocks fail to compile (no working compiler, a kernel Inductor
+    cannot build for this GPU, a tensor it cannot trace; at warm-up or for a shape first seen in a
+    job), put them back to eager for the rest of the process and `run()` again: slower, but the
+    worker keeps serving instead of failing its start or every job. `run` must be a replay (same
+    noise), so the images equal what eager would have made."""
+    try:
+        return run()
+    except torch._dynamo.exc.TorchDynamoException as err:  # Inductor's errors derive from it
+        if not report.compiled:
+            raise
+        for module in transformer.modules():
+            module._compiled_call_impl = None  # what nn.Module.compile() set: calls go to forward again
+        torch._dynamo.reset()
+        report.compiled = False
+        report.notes.append(f"compile failed, serving eager: {_first_line(err)}")
+        log.error("compile failed, serving eager from now on: %s", err)
+    return run()
 
 
 def save_compile_cache(cache_dir: Path | None) -> Path | None:
@@ -330,57 +308,17 @@ def save_compile_cache(cache_dir: Path | None) -> Path | None:
     return target
 
 
-# -- text encoder placement ----------------------------------------------------------------------
-def offload_text_encoder(engine: "ZImageEngine", report: AccelerationReport, reason: str) -> None:
-    """Qwen3-4B (≈7.5 GiB in bf16) to the CPU: new prompts then encode there, in seconds, and are
-    cached; the GPU memory goes to the batch."""
-    engine.pipe.text_encoder.to("cpu")
-    if engine.device.type == "cuda":
-        torch.cuda.empty_cache()
-    report.text_encoder_device = "cpu"
-    report.notes.append(f"text encoder on the CPU: {reason}")
-    log.warning("text encoder on the CPU (%s): each new prompt takes seconds to encode", reason)
-
-
-def place_text_encoder(engine: "ZImageEngine", report: AccelerationReport, free_bytes: int,
-                       one_image_bytes: float) -> None:
-    """TEXT_ENCODER_DEVICE=auto, once every model is loaded: the text encoder stays on the GPU
-    (prompts encode in milliseconds) unless the memory left could not hold one default-size image."""
-    if free_bytes < one_image_bytes:
-        offload_text_encoder(engine, report, f"auto: {free_bytes / 2**30:.1f} GiB free after loading, "
-                                             f"one image needs {one_image_bytes / 2**30:.1f} GiB")
-
-
-# -- entry points ----------------------------------------------------------------------------------
-def accelerate(engine: "ZImageEngine", plan: AccelerationPlan) -> AccelerationReport:
-    """Apply the plan to a freshly loaded engine; order matters: text encoder placement, attention
-    (probed eagerly), FP8 (its guard needs the eager model), then compile."""
+# -- entry point -----------------------------------------------------------------------------------
+def accelerate_transformer(
+    transformer: torch.nn.Module, plan: AccelerationPlan, render_guard: Callable[[], np.ndarray], on_cuda: bool,
+) -> AccelerationReport:
+    """Apply the plan's transformer switches in the order that works: attention (probed eagerly),
+    FP8 (its guard needs the eager model), then compile."""
     report = AccelerationReport()
-    if plan.text_encoder == "cpu":
-        offload_text_encoder(engine, report, "TEXT_ENCODER_DEVICE=cpu")
-    if plan.attention != "auto" or engine.device.type == "cuda":
-        select_attention(engine.pipe.transformer, plan.attention, report)
+    if plan.attention != "auto" or on_cuda:
+        select_attention(transformer, plan.attention, report)
     if plan.fp8:
-        apply_fp8_guarded(engine, plan, report)
+        apply_fp8_guarded(transformer, render_guard, plan, report)
     if plan.compile:
-        compile_blocks(engine.pipe.transformer, plan.compile_cache_dir, report)
+        compile_blocks(transformer, plan.compile_cache_dir, report)
     return report
-
-
-def warm_up(engine: "ZImageEngine", width: int, height: int, max_batch: int, steps: int = 2) -> dict[str, float]:
-    """The generations that leave nothing to compile for the first jobs: batch 1 (compiles static),
-    batch 2 (recompiles once with a symbolic batch, which then serves every larger batch), then
-    batch 1 again with a caption of another length. Dynamo specialises size 1, so batch 1 keeps its
-    own graph, static in the sequence length until it sees a second one. After these three, jobs of
-    any batch size up to `max_batch`, caption length or image size reuse the graphs
-    (tests/pipelines/test_acceleration.py); warming each larger batch size would only lengthen the
-    cold start."""
-    runs = [(f"batch {size}", size, WARMUP_PROMPT) for size in (1, 2) if size <= max_batch]
-    runs.append(("batch 1, long prompt", 1, WARMUP_LONG_PROMPT))
-    spent: dict[str, float] = {}
-    for name, size, prompt in runs:
-        started = time.perf_counter()
-        engine.generate_fixed(prompt, size, width, height, steps)
-        spent[name] = round((time.perf_counter() - started) * 1000, 1)
-        log.info("warm-up %s at %dx%d: %.0f ms", name, width, height, spent[name])
-    return spent

@@ -4,16 +4,19 @@ Injection follows PuLID-FLUX: after double-stream blocks 0, 2, 4, ... and single
 0, 4, 8, ... the image tokens get ``img + id_weight * ca(id_tokens, img)``. In diffusers 0.42.1 both
 block kinds return ``(encoder_hidden_states, hidden_states)`` with the text and image tokens already
 split (single blocks concatenate and split internally), so a forward hook can change the image
-half alone and the transformer code stays untouched.
+half alone and the transformer code stays untouched. It implements `pipelines.engine.Engine`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Hashable
 
 import numpy as np
 import torch
@@ -23,16 +26,32 @@ from safetensors.torch import load_file
 from models.eva_clip import EVAVisionConfig, EVAVisionTower, load_eva_state_dict
 from models.face_parsing import BiSeNet, load_parsing_state_dict
 from models.pulid_modules import IDFormer, PuLIDModules
+from pipelines.engine import BatchResult, ImageItem, ModelIdentity, SamplingStopped, StopCheck
 from pipelines.identity import FaceEncoder, IdentityCache, IdentityEmbedding, IdentityEncoder, image_key
 
 DOUBLE_INTERVAL = 2
 SINGLE_INTERVAL = 4
 PULID_WEIGHTS = "pulid/pulid_flux_v0.9.1.safetensors"
 PARSING_WEIGHTS = "parsing_bisenet.pth"
+# Peak activation memory per 1024² image, bf16: Z-Image's figure until a GPU measures FLUX's
+# (docs/CONSISTENT_MODE.md); FLUX's distilled guidance runs one forward per step.
+ACTIVATION_BYTES_PER_MEGAPIXEL = 4.5 * 2**30
 
 
-class Cancelled(RuntimeError):
-    """``cancel_check`` asked to stop; no images are returned."""
+@dataclass(frozen=True)
+class PuLIDSpec:
+    """What every image of one consistent-mode call shares: size, steps and the same identity."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    reference_sha256: str
+    id_weight: float
+    identity_start_step: int
+    identity: IdentityEmbedding | None = field(compare=False, hash=False, repr=False)
+    workflow: str = "pulid-flux"
+    cfg = False  # FLUX.1-dev's guidance is distilled into the model: one forward, no negative prompt
 
 
 def num_ca_layers(num_double: int, num_single: int) -> int:
@@ -109,12 +128,17 @@ def _load_parser(parsing_dir: Path, device: torch.device) -> BiSeNet:
 class PuLIDFluxPipeline:
     """FLUX.1-dev + PuLID. Load once, then ``compute_identity`` per reference and ``generate`` per batch."""
 
-    def __init__(self, flux: FluxPipeline, pulid: PuLIDModules, identity: IdentityEncoder, cache_size: int = 32) -> None:
+    name = "pulid-flux"
+
+    def __init__(self, flux: FluxPipeline, pulid: PuLIDModules, identity: IdentityEncoder, cache_size: int = 32,
+                 model_identity: ModelIdentity | None = None) -> None:
         self.flux = flux
         self.pulid = pulid
         self.identity_encoder = identity
         self.injection = IdentityInjection(flux.transformer, pulid.pulid_ca)
         self.identity_cache = IdentityCache(cache_size)
+        self.identity = model_identity or ModelIdentity("pulid-flux", "unknown", demo=False)
+        self.device = flux.transformer.device
 
     @classmethod
     def load(
@@ -130,7 +154,30 @@ class PuLIDFluxPipeline:
         faces = FaceEncoder(root / "insightface" / "models" / "antelopev2", providers)
         parser = _load_parser(root / "facexlib", device)
         eva = _load_eva(root / "eva", device, dtype)
-        return cls(flux, pulid, IdentityEncoder(faces, parser, eva, pulid.pulid_encoder, device, dtype), cache_size)
+        info = _optional_config(root / "model_info.json")
+        identity = ModelIdentity(info.get("id", str(root)), info.get("revision", "unknown"), bool(info.get("demo", False)))
+        encoder = IdentityEncoder(faces, parser, eva, pulid.pulid_encoder, device, dtype)
+        return cls(flux, pulid, encoder, cache_size, identity)
+
+    # -- the Engine interface (pipelines/engine.py) ------------------------------------------------
+    def batch_key(self, spec: PuLIDSpec, item: ImageItem) -> Hashable:
+        """One identity per call: the spec holds it (FLUX pads every prompt alike)."""
+        return spec
+
+    def activation_bytes(self, spec: PuLIDSpec) -> float:
+        return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20
+
+    def numerics(self) -> dict[str, Any]:
+        return {"dtype": str(self.flux.transformer.dtype)}
+
+    def generate(self, items: list[ImageItem], spec: PuLIDSpec, should_stop: StopCheck = lambda: False) -> BatchResult:
+        """One image per item (its prompt and seed; FLUX takes no negative prompt)."""
+        started = time.perf_counter()
+        images = self.render(
+            [item.prompt for item in items], [item.seed for item in items], spec.width, spec.height, spec.steps,
+            spec.guidance_scale, spec.identity, spec.id_weight, spec.identity_start_step, should_stop,
+        )
+        return BatchResult(np.stack(images), {"denoising": round((time.perf_counter() - started) * 1000, 2)})
 
     def compute_identity(self, reference_rgb: np.ndarray) -> IdentityEmbedding:
         """Id tokens for the single face in an RGB uint8 photo; raises ``NoFace`` / ``MultipleFaces``."""
@@ -143,7 +190,7 @@ class PuLIDFluxPipeline:
         return embedding
 
     @torch.inference_mode()
-    def generate(
+    def render(
         self,
         prompts: list[str],
         seeds: list[int],
@@ -154,9 +201,10 @@ class PuLIDFluxPipeline:
         identity: IdentityEmbedding | None,
         id_weight: float = 1.0,
         identity_start_step: int = 0,
-        cancel_check: Callable[[], bool] | None = None,
+        should_stop: StopCheck | None = None,
     ) -> list[np.ndarray]:
-        """One image per (prompt, seed): HxWx3 uint8. Each image depends only on its own seed."""
+        """One image per (prompt, seed): HxWx3 uint8. Each image depends only on its own seed.
+        Raises `SamplingStopped` when `should_stop()` turns true between steps."""
         if len(prompts) != len(seeds):
             raise ValueError("prompts and seeds must have the same length")
         device = self.flux.transformer.device
@@ -168,7 +216,7 @@ class PuLIDFluxPipeline:
             # the hooks read the tokens from step `identity_start_step` on (step + 1 runs next)
             if use_identity and step + 1 >= identity_start_step:
                 injection.tokens = identity.tokens
-            if cancel_check is not None and cancel_check():
+            if should_stop is not None and should_stop():
                 pipe._interrupt = True
             return tensors
 
@@ -186,5 +234,5 @@ class PuLIDFluxPipeline:
                 callback_on_step_end=on_step_end,
             ).images
         if self.flux.interrupt:
-            raise Cancelled("generation cancelled")
+            raise SamplingStopped("generation cancelled")
         return [(image * 255).round().clip(0, 255).astype(np.uint8) for image in images]

@@ -15,12 +15,9 @@ from typing import Callable
 import torch
 from scipy.special import betaincinv
 
+from pipelines.engine import SamplingStopped, StopCheck
+
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StopCheck = Callable[[], bool]
-
-
-class SamplingStopped(Exception):
-    """Raised between model calls when every image of the batch was cancelled."""
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:

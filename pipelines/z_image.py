@@ -2,9 +2,9 @@
 
 It holds one diffusers `ZImagePipeline` (loaded once, from a local diffusers-format folder) and
 runs its components directly, stage by stage, so that each stage can be timed, text encodings
-cached, the sampler chosen (flow-match Euler or the danrisi res_2s), and a cancelled batch
-stopped between model calls. The simple workflow reproduces `ZImagePipeline.__call__` exactly
-(tests/pipelines/test_z_image.py checks the pixels).
+cached, the sampler chosen (flow-match Euler or danrisi), and a cancelled batch stopped between
+model calls. The simple workflow reproduces `ZImagePipeline.__call__` (tests/pipelines/
+test_z_image.py checks the pixels). It implements `pipelines.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from threading import Lock
+from typing import Any, Hashable
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 
 from models.z_image_demo import MODEL_INFO_FILE
-from pipelines.acceleration import AccelerationPlan, AccelerationReport, abandon_compile, accelerate
-from pipelines.samplers import StopCheck, beta_sigmas, sample_euler, sample_res_2s, simple_sigmas
+from pipelines.acceleration import AccelerationReport, with_compile_fallback
+from pipelines.engine import BatchResult, ImageItem, ModelIdentity, StopCheck
+from pipelines.samplers import beta_sigmas, sample_euler, sample_res_2s, simple_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +34,20 @@ CAPTION_PAD = 32  # ZImageTransformer2DModel pads each caption to a multiple of 
 WORKFLOWS = ("z-image-simple", "z-image-danrisi")
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What is serving: a hub id and revision, or the demo model."""
+# Peak activation memory per 1024² image at 8 steps, batch 1, bf16 (REFERENCE: 24.5 GB peak with
+# 20.9 GB of weights), with headroom: the batch limit divides free GPU memory by it.
+ACTIVATION_BYTES_PER_MEGAPIXEL = 4.5 * 2**30
 
-    id: str
-    revision: str
-    demo: bool
 
-    @classmethod
-    def from_dir(cls, model_dir: Path) -> "ModelIdentity":
-        info_path = Path(model_dir) / MODEL_INFO_FILE
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        return cls(
-            id=info.get("id", Path(model_dir).name),
-            revision=info.get("revision", "unknown"),
-            demo=bool(info.get("demo", False)),
-        )
+def read_model_identity(model_dir: Path) -> ModelIdentity:
+    """The identity the builder (or the demo builder) wrote beside the weights; the folder name else."""
+    info_path = Path(model_dir) / MODEL_INFO_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    return ModelIdentity(
+        id=info.get("id", Path(model_dir).name),
+        revision=info.get("revision", "unknown"),
+        demo=bool(info.get("demo", False)),
+    )
 
 
 @dataclass(frozen=True)
@@ -72,23 +71,6 @@ def padded_caption_length(tokens: int) -> int:
     return -(-tokens // CAPTION_PAD) * CAPTION_PAD
 
 
-@dataclass(frozen=True)
-class ImageItem:
-    """One image to make: its own prompt, negative prompt and seed."""
-
-    prompt: str
-    negative_prompt: str
-    seed: int
-
-
-@dataclass
-class BatchResult:
-    """uint8 images (B, H, W, 3) and the time each stage took, in ms."""
-
-    images: np.ndarray
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-
 def serving_dtype(device: str) -> torch.dtype:
     """bf16 on CUDA (the weights' own precision); float32 on CPU, where bf16 matmuls are slow."""
     return torch.bfloat16 if device == "cuda" else torch.float32
@@ -104,34 +86,30 @@ class PromptEmbeddingCache:
     """Bounded LRU of text encodings keyed by the exact text: one character prompt, encoded once."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._entries: LRUCache[str, torch.Tensor] | None = LRUCache(capacity) if capacity > 0 else None
         self._lock = Lock()
         self.hits = 0
         self.misses = 0
 
     def get(self, text: str) -> torch.Tensor | None:
         with self._lock:
-            value = self._entries.get(text)
+            value = None if self._entries is None else self._entries.get(text)
             if value is None:
                 self.misses += 1
-                return None
-            self._entries.move_to_end(text)
-            self.hits += 1
+            else:
+                self.hits += 1
             return value
 
     def put(self, text: str, value: torch.Tensor) -> None:
-        if self.capacity <= 0:
-            return
-        with self._lock:
-            self._entries[text] = value
-            self._entries.move_to_end(text)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+        if self._entries is not None:
+            with self._lock:
+                self._entries[text] = value
 
 
 class ZImageEngine:
     """One warm Z-Image pipeline; `generate` runs one batch through encode → denoise → decode."""
+
+    name = "z-image"
 
     def __init__(self, pipe, identity: ModelIdentity, device: str, prompt_cache_size: int) -> None:
         self.pipe = pipe
@@ -140,23 +118,20 @@ class ZImageEngine:
         self.dtype = pipe.transformer.dtype
         self.prompt_cache = PromptEmbeddingCache(prompt_cache_size)
         self.load_seconds = 0.0
+        self.startup_ms: dict[str, float] = {}
         self.acceleration = AccelerationReport()
 
     @classmethod
-    def load(
-        cls, model_dir: Path, device: str, prompt_cache_size: int = 256, acceleration: AccelerationPlan | None = None
-    ) -> "ZImageEngine":
+    def load(cls, model_dir: Path, device: str, prompt_cache_size: int = 256) -> "ZImageEngine":
         """Load from a local diffusers folder: bf16 on CUDA, float32 on CPU; never the network.
-        With an `acceleration` plan, its switches are applied before returning (pipelines/acceleration.py)."""
+        Speed switches come after, from pipelines/startup.py."""
         from diffusers import ZImagePipeline
 
         started = time.perf_counter()
         dtype = serving_dtype(device)
         pipe = ZImagePipeline.from_pretrained(model_dir, dtype=dtype, local_files_only=True, device_map=device)
         pipe.set_progress_bar_config(disable=True)
-        engine = cls(pipe, ModelIdentity.from_dir(model_dir), device, prompt_cache_size)
-        if acceleration is not None:
-            engine.acceleration = accelerate(engine, acceleration)
+        engine = cls(pipe, read_model_identity(model_dir), device, prompt_cache_size)
         engine.load_seconds = time.perf_counter() - started
         log.info(
             "loaded Z-Image %s@%s on %s (%s) in %.2f s%s",
@@ -164,6 +139,30 @@ class ZImageEngine:
             " — DEMO MODEL with random weights: images are noise" if engine.identity.demo else "",
         )
         return engine
+
+    # -- the Engine interface (pipelines/engine.py) ------------------------------------------------
+    def batch_key(self, spec: "BatchSpec", item: ImageItem) -> Hashable:
+        """Images merge only when their texts pad alike, so a merged batch runs the model on the
+        same token layout as each image alone (no cross-image attention padding)."""
+        texts = [item.prompt] + ([item.negative_prompt] if spec.cfg else [])
+        return (spec, tuple(self.text_length_bucket(t) for t in texts))
+
+    def activation_bytes(self, spec: "BatchSpec") -> float:
+        """Peak activation memory of one image of `spec` on the GPU (CFG runs a second forward)."""
+        return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20 * (2 if spec.cfg else 1)
+
+    def numerics(self) -> dict[str, Any]:
+        return {"dtype": str(self.dtype), "fp8_layers": self.acceleration.fp8_layers}
+
+    def move_text_encoder_to_cpu(self, reason: str) -> None:
+        """Qwen3-4B (≈7.5 GiB in bf16) to the CPU: new prompts then encode there, in seconds, and are
+        cached; the GPU memory goes to the batch."""
+        self.pipe.text_encoder.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.acceleration.text_encoder_device = "cpu"
+        self.acceleration.notes.append(f"text encoder on the CPU: {reason}")
+        log.warning("text encoder on the CPU (%s): each new prompt takes seconds to encode", reason)
 
     # -- stage 1: text --------------------------------------------------------------------------
     @torch.no_grad()
@@ -255,13 +254,7 @@ class ZImageEngine:
             sample = partial(sample_res_2s, noise, beta_sigmas(spec.steps, shift), velocity, should_stop)
         else:
             sample = partial(sample_euler, noise, simple_sigmas(spec.steps, shift), velocity, should_stop)
-        try:
-            return sample()
-        except torch._dynamo.exc.TorchDynamoException as err:  # Inductor's errors derive from it
-            if not self.acceleration.compiled:
-                raise
-            abandon_compile(self.pipe.transformer, self.acceleration, err)
-        return sample()
+        return with_compile_fallback(sample, self.pipe.transformer, self.acceleration)
 
     # -- stage 3: pixels ------------------------------------------------------------------------
     @torch.no_grad()

@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine,
         "settings": {
             "size": args.size, "steps": args.steps, "workflow": args.workflow, "repeats": max(1, args.repeats),
-            "warmup_passes": 1, "prompt": PROMPT, "max_batch": handler.WORKER.max_batch_for(spec),
+            "warmup_passes": 1, "prompt": PROMPT, "max_batch": handler.WORKER.max_batch_for(handler.WORKER.engine, spec),
             "max_batch_env": settings.max_batch, "batch_wait_ms": settings.batch_wait_ms,
             "concurrency": settings.concurrency, "encode_threads": settings.encode_threads,
         },

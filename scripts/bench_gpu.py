@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.z_image_demo import MODEL_INFO_FILE, build_tokenizer, z_image_scheduler, z_image_vae  # noqa: E402
-from pipelines.acceleration import AccelerationPlan, accelerate, warm_up  # noqa: E402
+from pipelines.startup import prepare_engine  # noqa: E402
 from pipelines.z_image import ZImageEngine, serving_dtype  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
+from serving.startup import acceleration_plan  # noqa: E402
 
 # A prompt whose chat-templated byte-level tokens pad to 128, the caption length of the FLOP anchor.
 PROMPT = "a portrait photo of a woman in a red wool coat on a rainy city street at dusk, 85mm, soft light"
@@ -154,7 +155,7 @@ def run(size: str, fp8: bool, out_dir: Path) -> dict[str, Any]:
     dtype = serving_dtype(device)
     config = CONFIGS[size]
     settings = dataclasses.replace(load_settings(), fp8=fp8)
-    plan = AccelerationPlan.from_settings(settings, device)
+    plan = acceleration_plan(settings, device)
     result: dict[str, Any] = {"size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
                               "torch": torch.__version__, "plan": {k: str(v) for k, v in dataclasses.asdict(plan).items()}}
     gpu, peak = peak_tflops(device)
@@ -167,16 +168,16 @@ def run(size: str, fp8: bool, out_dir: Path) -> dict[str, Any]:
         result["build_and_save_s"] = round(time.perf_counter() - started, 2)
         if device == "cuda":
             torch.cuda.empty_cache()
-        started = time.perf_counter()
-        engine = ZImageEngine.load(Path(model_dir), device, settings.prompt_cache_size)
+        side = config["size"]
+        # the worker's start-up, warm-up always on (files in page cache: just written)
+        engine = prepare_engine(Path(model_dir), device, dataclasses.replace(plan, warmup=True),
+                                prompt_cache_size=settings.prompt_cache_size,
+                                max_batch=lambda _: max(config["batches"]), warmup_size=side)
         _sync(device)
-        result["cold_load_s"] = round(time.perf_counter() - started, 2)  # files in page cache (just written)
-    started = time.perf_counter()
-    engine.acceleration = accelerate(engine, plan)
-    result["accelerate_s"] = round(time.perf_counter() - started, 2)
-    side = config["size"]
-    warm = warm_up(engine, side, side, max(config["batches"]))
-    result["warmup_ms"] = warm
+    result["startup_ms"] = engine.startup_ms
+    result["cold_load_s"] = round(engine.startup_ms["load"] / 1000, 2)
+    result["accelerate_s"] = round(engine.startup_ms["acceleration"] / 1000, 2)
+    result["warmup_ms"] = engine.acceleration.warmup_ms
     result["acceleration"] = dataclasses.asdict(engine.acceleration)
 
     text_tokens = engine.text_length_bucket(PROMPT)

@@ -4,7 +4,7 @@ Jobs submit their images; one GPU thread forms batches and runs them, so the eve
 fetching, heartbeats, cancellation, streaming) never waits on the model.
 
 - Compatible images (same `group`: size, steps, sampler, guidance, mode and text length bucket)
-  from different jobs share a pipeline call, up to `max_batch_for(spec)` images, after a bounded
+  from different jobs share a pipeline call, up to `max_batch_for(engine, spec)` images, after a bounded
   wait for more work to arrive.
 - Fair: the job served least recently (a new job before any served one) picks the next group,
   and a batch takes images from its jobs in turn, so a small job waits behind a large one for at
@@ -21,16 +21,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import numpy as np
 
-from pipelines.samplers import SamplingStopped
-from pipelines.z_image import BatchResult, BatchSpec, ImageItem
+from pipelines.engine import Engine, ImageItem, SamplingStopped
 
 log = logging.getLogger(__name__)
-
-RunBatch = Callable[[list[ImageItem], BatchSpec, Callable[[], bool]], BatchResult]
 
 
 @dataclass
@@ -43,6 +40,7 @@ class ImageOutcome:
     error_code: str | None = None
     error_message: str | None = None
     batch_size: int = 0
+    batch_id: int = 0  # the model call that made it: its timings count once per job
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -51,7 +49,8 @@ class JobTicket:
     """A job's place in the scheduler; `on_outcome` is called from the GPU thread per image."""
 
     job_id: str
-    spec: BatchSpec
+    engine: Engine
+    spec: Any
     group: Hashable
     on_outcome: Callable[[ImageOutcome], None]
     pending: deque[tuple[int, ImageItem]] = field(default_factory=deque)
@@ -70,14 +69,12 @@ class Batcher:
 
     def __init__(
         self,
-        run_batch: RunBatch,
-        max_batch_for: Callable[[BatchSpec], int],
+        max_batch_for: Callable[[Engine, Any], int],
         wait_s: float,
         is_oom: Callable[[BaseException], bool],
         is_fatal: Callable[[BaseException], bool],
         on_fatal: Callable[[BaseException], None],
     ) -> None:
-        self._run_batch = run_batch
         self._max_batch_for = max_batch_for
         self._wait_s = wait_s
         self._is_oom = is_oom
@@ -92,13 +89,15 @@ class Batcher:
 
     # -- called from the event loop -------------------------------------------------------------
     def submit(
-        self, job_id: str, spec: BatchSpec, group: Hashable, items: list[tuple[int, ImageItem]],
+        self, job_id: str, engine: Engine, spec: Any, items: list[tuple[int, ImageItem]],
         on_outcome: Callable[[ImageOutcome], None],
     ) -> JobTicket:
-        """Queue a job's images, each with its index in the job."""
+        """Queue a job's images, each with its index in the job. Images merge with other jobs'
+        when the engine gives them the same batch key (a job's images share one)."""
+        group = (engine.name, engine.batch_key(spec, items[0][1]))
         with self._cond:
             self._arrivals += 1
-            ticket = JobTicket(job_id, spec, group, on_outcome, deque(items), arrival=self._arrivals)
+            ticket = JobTicket(job_id, engine, spec, group, on_outcome, deque(items), arrival=self._arrivals)
             if job_id in self._tickets:
                 raise ValueError(f"job {job_id} is already scheduled")
             self._tickets[job_id] = ticket
@@ -128,14 +127,14 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            spec, members = batch
+            ticket, members = batch
             try:
-                self._run(spec, members)
+                self._run(ticket.engine, ticket.spec, members)
             except Exception:  # noqa: BLE001 - the GPU thread must outlive any bug in one batch
                 log.exception("batch failed outside the model call")
                 self._fail([m for m in members if not m[0].cancelled], "internal_error", "the worker failed this image")
 
-    def _next_batch(self) -> tuple[BatchSpec, list[tuple[JobTicket, int, ImageItem]]] | None:
+    def _next_batch(self) -> tuple[JobTicket, list[tuple[JobTicket, int, ImageItem]]] | None:
         with self._cond:
             while True:
                 while not self._stopping and not self._waiting_tickets():
@@ -143,7 +142,7 @@ class Batcher:
                 if self._stopping:
                     return None
                 first = min(self._waiting_tickets(), key=_service_order)
-                limit = max(1, self._max_batch_for(first.spec))
+                limit = max(1, self._max_batch_for(first.engine, first.spec))
                 deadline = time.monotonic() + self._wait_s
                 while self._count(first.group) < limit and not self._stopping:
                     remaining = deadline - time.monotonic()
@@ -152,7 +151,7 @@ class Batcher:
                     self._cond.wait(remaining)
                 members = self._take(first.group, limit)
                 if members:  # empty when everything was cancelled during the wait
-                    return first.spec, members
+                    return first, members
 
     def _waiting_tickets(self) -> list[JobTicket]:
         return [t for t in self._tickets.values() if t.pending and not t.cancelled]
@@ -174,7 +173,7 @@ class Batcher:
             ticket.last_served = now
         return members
 
-    def _run(self, spec: BatchSpec, members: list[tuple[JobTicket, int, ImageItem]]) -> None:
+    def _run(self, engine: Engine, spec: Any, members: list[tuple[JobTicket, int, ImageItem]]) -> None:
         live = [m for m in members if not m[0].cancelled]
         if not live:
             return
@@ -184,18 +183,19 @@ class Batcher:
             return all(t.cancelled for t in tickets)
 
         try:
-            result = self._run_batch([item for _, _, item in live], spec, all_cancelled)
+            result = engine.generate([item for _, _, item in live], spec, all_cancelled)
         except SamplingStopped:
             return  # every job in it is gone: nobody waits for these images
         except BaseException as err:  # noqa: BLE001 - the worker must outlive any batch
-            self._recover(spec, live, err)
+            self._recover(engine, spec, live, err)
             return
         for position, (ticket, index, item) in enumerate(live):
             self._deliver(ticket, ImageOutcome(
-                index, item.seed, pixels=result.images[position], batch_size=len(live), timings_ms=result.timings_ms,
+                index, item.seed, pixels=result.images[position], batch_size=len(live), batch_id=result.batch_id,
+                timings_ms=result.timings_ms,
             ))
 
-    def _recover(self, spec: BatchSpec, live: list[tuple[JobTicket, int, ImageItem]], err: BaseException) -> None:
+    def _recover(self, engine: Engine, spec: Any, live: list[tuple[JobTicket, int, ImageItem]], err: BaseException) -> None:
         if self._is_fatal(err):
             log.error("unrecoverable device error: %s", type(err).__name__)
             self._on_fatal(err)
@@ -203,14 +203,14 @@ class Batcher:
         elif self._is_oom(err) and len(live) > 1:
             log.warning("out of memory at batch %d: splitting", len(live))
             half = len(live) // 2
-            self._run(spec, live[:half])
-            self._run(spec, live[half:])
+            self._run(engine, spec, live[:half])
+            self._run(engine, spec, live[half:])
         elif self._is_oom(err):
             self._fail(live, "out_of_memory", f"one {spec.width}x{spec.height} image does not fit in GPU memory")
         elif len(live) > 1:
             log.warning("batch of %d failed (%s): retrying images one by one", len(live), type(err).__name__)
             for member in live:
-                self._run(spec, [member])
+                self._run(engine, spec, [member])
         else:
             log.error("image failed: %s: %s", type(err).__name__, err)
             self._fail(live, "generation_failed", f"{type(err).__name__} while generating this image")

@@ -21,15 +21,16 @@ from typing import Any, AsyncIterator, Callable
 import numpy as np
 import torch
 
-from models.demo_pulid import BUNDLE_VERSION, ensure_demo_bundle
+from models.demo_pulid import ensure_demo_bundle
 from models.z_image_demo import ensure_demo_model
-from pipelines.acceleration import AccelerationPlan, place_text_encoder, save_compile_cache, warm_up
+from pipelines.engine import Engine, ImageItem
 from pipelines.identity import IdentityError, MultipleFaces
-from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
-from pipelines.samplers import SamplingStopped
-from pipelines.z_image import BatchResult, BatchSpec, ImageItem, ZImageEngine, pick_device, serving_dtype
+from pipelines.pulid_flux import PuLIDFluxPipeline, PuLIDSpec
+from pipelines.startup import free_gpu_bytes, prepare_engine
+from pipelines.z_image import BatchSpec, ZImageEngine, pick_device, serving_dtype
 from serving.batcher import Batcher, ImageOutcome
 from serving.delivery import Delivered, Delivery
+from serving.device import batch_limit, is_fatal_device_error, is_oom
 from serving.errors import JobError
 from serving.outputs import encode_image, image_chunk, image_error_chunk
 from serving.reference_image import load_reference_image
@@ -38,33 +39,13 @@ from serving.schema import (
     MIN_SIDE, MODE_DEFAULTS, SIZE_MULTIPLE, CapabilitiesRequest, GenerateRequest, parse_job_input,
 )
 from serving.settings import Settings
+from serving.startup import acceleration_plan
 from serving.storage import ImageStore, StorageConfigError, storage_config_from_job
 
 log = logging.getLogger(__name__)
 
 ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]
-# Peak activation memory per 1024² image at 8 steps, batch 1, bf16 (REFERENCE: 24.5 GB peak with
-# 20.9 GB of weights), with headroom: the auto batch limit divides free memory by it.
-ACTIVATION_BYTES_PER_MEGAPIXEL = 4.5 * 2**30
-CPU_MAX_BATCH = 4
 REFERENCE_TIMEOUT_S = 30.0
-WARMUP_SIZE = 1024  # the schema's default width and height
-
-
-@dataclass(frozen=True)
-class ConsistentSpec:
-    """What every image of one consistent-mode call shares: size, steps and the same identity."""
-
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    reference_sha256: str
-    id_weight: float
-    identity_start_step: int
-    identity: Any = field(compare=False, hash=False, repr=False)
-    workflow: str = "pulid-flux"
-    cfg = False  # FLUX.1-dev's guidance is distilled into the model: one forward, no negative prompt
 
 
 def _sampling_defaults(mode: str) -> dict[str, Any]:
@@ -72,23 +53,13 @@ def _sampling_defaults(mode: str) -> dict[str, Any]:
     return {"steps": steps, "guidance_scale": guidance_scale}
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError)
-
-
-def _is_fatal_device_error(err: BaseException) -> bool:
-    """CUDA errors that leave the context unusable: only a fresh worker recovers from these."""
-    text = str(err)
-    markers = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure", "ECC error")
-    return isinstance(err, RuntimeError) and not _is_oom(err) and any(m in text for m in markers)
-
-
 @dataclass
 class JobPlan:
     """A validated job, resolved: what runs, where the images go, which are already stored."""
 
     request: GenerateRequest
-    spec: BatchSpec | ConsistentSpec
+    engine: Engine
+    spec: BatchSpec | PuLIDSpec
     items: list[ImageItem]
     delivery: Delivery
     mode_ran: str
@@ -104,22 +75,10 @@ class JobPlan:
             "width": spec.width, "height": spec.height, "steps": spec.steps, "guidance_scale": spec.guidance_scale,
             "seed": item.seed, "format": request.output_format, "quality": request.output_quality,
         }
-        if isinstance(spec, ConsistentSpec):
+        if isinstance(spec, PuLIDSpec):
             params.update(reference=spec.reference_sha256, id_weight=spec.id_weight,
                           identity_start_step=spec.identity_start_step)
         return params
-
-
-def free_gpu_bytes() -> int:
-    """Free GPU memory once the allocator has returned what load-time forwards (attention probes,
-    the FP8 guard) or a failed load left cached: that memory is free for jobs too."""
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info()[0]
-
-
-def activation_bytes(spec: BatchSpec | ConsistentSpec) -> float:
-    """Peak activation memory of one image of `spec` on the GPU (CFG runs a second forward)."""
-    return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20 * (2 if spec.cfg else 1)
 
 
 class Worker:
@@ -138,11 +97,10 @@ class Worker:
         self._identity_pool = ThreadPoolExecutor(1, thread_name_prefix="identity")
         self.store = ImageStore(settings.storage, executor=self.encode_pool) if settings.storage else None
         self.batcher = Batcher(
-            run_batch=self._run_batch,
             max_batch_for=self.max_batch_for,
             wait_s=settings.batch_wait_ms / 1000,
-            is_oom=_is_oom,
-            is_fatal=_is_fatal_device_error,
+            is_oom=is_oom,
+            is_fatal=is_fatal_device_error,
             on_fatal=self._on_fatal,
         )
 
@@ -151,17 +109,13 @@ class Worker:
         """Load the models (real weights from MODEL_DIR, else the demo model) before any job."""
         device = pick_device(settings.device)
         model_dir = settings.model_dir or ensure_demo_model(settings.demo_model_dir)
-        plan = AccelerationPlan.from_settings(settings, device)
-        engine = ZImageEngine.load(model_dir, device, settings.prompt_cache_size, plan)
+        # PuLID first: Z-Image's start-up places its text encoder by the GPU memory left after both.
         consistent, reason = cls._load_consistent(settings, device)
-        spec = BatchSpec(WARMUP_SIZE, WARMUP_SIZE, 2, 0.0, "z-image-simple")
-        if plan.text_encoder == "auto":  # every model is on the GPU now: what is left decides
-            place_text_encoder(engine, engine.acceleration, free_gpu_bytes(), activation_bytes(spec))
-        worker = cls(settings, engine, consistent, reason)
-        if plan.warmup:  # compile now, at the default size, not in a job
-            engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE, worker.max_batch_for(spec))
-            save_compile_cache(plan.compile_cache_dir if engine.acceleration.compiled else None)
-        return worker
+        engine = prepare_engine(
+            model_dir, device, acceleration_plan(settings, device), prompt_cache_size=settings.prompt_cache_size,
+            max_batch=lambda loaded: batch_limit(settings, loaded, BatchSpec(1024, 1024, 2, 0.0, "z-image-simple")),
+        )
+        return cls(settings, engine, consistent, reason)
 
     @staticmethod
     def _load_consistent(settings: Settings, device: str) -> tuple[PuLIDFluxPipeline | None, str | None]:
@@ -184,28 +138,9 @@ class Worker:
     def _on_fatal(self, err: BaseException) -> None:
         self.needs_refresh = True
 
-    def max_batch_for(self, spec: BatchSpec | ConsistentSpec) -> int:
+    def max_batch_for(self, engine: Engine, spec: Any) -> int:
         """MAX_BATCH when set; else what free GPU memory holds at this size (4 on CPU), at most 16."""
-        if self.settings.max_batch:
-            return self.settings.max_batch
-        if self.engine.device.type != "cuda":
-            return CPU_MAX_BATCH
-        return max(1, min(MAX_IMAGES, int(self._free_bytes // activation_bytes(spec))))
-
-    def _run_batch(self, items: list[ImageItem], spec: BatchSpec | ConsistentSpec, should_stop) -> BatchResult:
-        """The batcher's one entry to the models: route by mode."""
-        if not isinstance(spec, ConsistentSpec):
-            return self.engine.generate(items, spec, should_stop)
-        started = time.perf_counter()
-        try:
-            images = self.consistent.generate(
-                [item.prompt for item in items], [item.seed for item in items], spec.width, spec.height,
-                spec.steps, spec.guidance_scale, spec.identity, spec.id_weight, spec.identity_start_step,
-                cancel_check=should_stop,
-            )
-        except Cancelled:
-            raise SamplingStopped from None
-        return BatchResult(np.stack(images), {"denoising": round((time.perf_counter() - started) * 1000, 2)})
+        return batch_limit(self.settings, engine, spec, self._free_bytes)
 
     # -- jobs -----------------------------------------------------------------------------------
     async def run_job(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -248,7 +183,7 @@ class Worker:
         if mode == "fast":
             workflow = self.resolve_workflow(request.workflow)
             spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow)
-            plan = JobPlan(request, spec, items, delivery, mode)
+            plan = JobPlan(request, self.engine, spec, items, delivery, mode)
         else:
             plan = await self._plan_consistent(request, items, delivery)
         await self._find_cached(plan)
@@ -283,11 +218,11 @@ class Worker:
         start = request.identity_start_step
         if start is None:
             start = min(self.settings.pulid_start_step, steps - 1)
-        spec = ConsistentSpec(
+        spec = PuLIDSpec(
             request.width, request.height, steps, guidance_scale,
             hashlib.sha256(data).hexdigest(), request.id_weight, start, identity,
         )
-        plan = JobPlan(request, spec, items, delivery, "consistent")
+        plan = JobPlan(request, self.consistent, spec, items, delivery, "consistent")
         plan.identity_cache_hit = identity.from_cache
         return plan
 
@@ -317,15 +252,6 @@ class Worker:
             raise JobError("workflow_unavailable", "z-image-danrisi is disabled on this worker", field="workflow")
         return requested
 
-    def _batch_group(self, plan: JobPlan) -> tuple:
-        """Images merge only when their text lengths pad alike, so a merged batch runs the model on
-        the same token layout as each job alone (no cross-image attention padding)."""
-        spec, request = plan.spec, plan.request
-        if isinstance(spec, ConsistentSpec):
-            return (spec,)
-        texts = [request.prompt] + ([request.negative_prompt] if spec.cfg else [])
-        return (spec, tuple(self.engine.text_length_bucket(t) for t in texts))
-
     def _model_identity(self) -> dict[str, Any]:
         identity = self.engine.identity
         return {"id": identity.id, "revision": identity.revision, "demo": identity.demo}
@@ -333,12 +259,8 @@ class Worker:
     def _cache_model(self, plan: JobPlan) -> dict[str, Any]:
         """The result cache's model identity: what serves the mode that runs, and the numerics that
         change its pixels (dtype, FP8), so workers that differ there never share cached images."""
-        if plan.mode_ran == "consistent":
-            bundle = self.settings.pulid_model_dir
-            return {"pipeline": str(bundle) if bundle else BUNDLE_VERSION, "dtype": str(self.consistent.flux.dtype)}
-        acceleration = self.engine.acceleration
-        return {**self._model_identity(), "dtype": str(self.engine.dtype), "fp8": acceleration.fp8,
-                "fp8_keep_last_blocks": self.settings.fp8_keep_last_blocks if acceleration.fp8 else None}
+        identity = plan.engine.identity
+        return {"id": identity.id, "revision": identity.revision, "demo": identity.demo, **plan.engine.numerics()}
 
     async def _generate(self, job: dict[str, Any], job_id: str, plan: JobPlan) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
@@ -389,7 +311,7 @@ class Worker:
         to_run = [(i, item) for i, item in enumerate(items) if i not in plan.cached_entries]
         ticket = None
         if to_run:
-            ticket = self.batcher.submit(job_id, spec, self._batch_group(plan), to_run, on_outcome)
+            ticket = self.batcher.submit(job_id, plan.engine, spec, to_run, on_outcome)
         deadline = started + self.settings.job_timeout_s
         try:
             while completed + failed < total:
@@ -398,8 +320,8 @@ class Worker:
                         finished.get(), deadline - time.perf_counter())
                 except asyncio.TimeoutError:
                     break
-                if outcome.timings_ms and id(outcome.timings_ms) not in seen_batches:
-                    seen_batches.add(id(outcome.timings_ms))
+                if outcome.timings_ms and outcome.batch_id not in seen_batches:
+                    seen_batches.add(outcome.batch_id)
                     batches.append(outcome.batch_size)
                     for stage, ms in outcome.timings_ms.items():
                         timings[stage] += ms
@@ -440,7 +362,7 @@ class Worker:
             "seed": request.seed, "output_format": request.output_format, "output_quality": request.output_quality,
             "delivery": plan.delivery.method,
         }
-        if isinstance(spec, ConsistentSpec):
+        if isinstance(spec, PuLIDSpec):
             settings.update(id_weight=spec.id_weight, identity_start_step=spec.identity_start_step)
         summary = {
             "mode": plan.mode_ran,
@@ -491,7 +413,7 @@ class Worker:
                 "output_formats": ["png", "webp", "jpeg"], "job_timeout_s": self.settings.job_timeout_s,
                 "id_weight": [0, MAX_ID_WEIGHT], "max_response_bytes": self.settings.max_response_bytes,
             },
-            "batching": {"max_batch_1024": self.max_batch_for(BatchSpec(1024, 1024, 8, 0.0, "z-image-simple")),
+            "batching": {"max_batch_1024": self.max_batch_for(self.engine, BatchSpec(1024, 1024, 8, 0.0, "z-image-simple")),
                          "wait_ms": self.settings.batch_wait_ms, "concurrency": self.settings.concurrency},
             "device": str(self.engine.device),
             "gpu": torch.cuda.get_device_name(0) if self.engine.device.type == "cuda" else None,

@@ -24,7 +24,7 @@ from builder.manifest import (
     save_manifest,
 )
 from pipelines.pulid_flux import PARSING_WEIGHTS
-from pipelines.z_image import ModelIdentity
+from pipelines.z_image import read_model_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = {
@@ -115,7 +115,7 @@ def test_files_land_at_their_target_paths_with_model_info(tmp_path: Path, hub: F
     assert (models / "pulid-flux/insightface/models/antelopev2/glintr100.onnx").is_file()
     assert not (models / "z-image-turbo/README.md").exists()
     assert not (models / ".staging").exists()
-    identity = ModelIdentity.from_dir(models / "z-image-turbo")
+    identity = read_model_identity(models / "z-image-turbo")
     assert (identity.id, identity.revision, identity.demo) == ("acme/turbo", hub.resolve("acme/turbo", ""), False)
 
 
@@ -165,7 +165,7 @@ def test_allow_unpinned_builds_from_the_current_commit(tmp_path: Path, hub: Fake
     args = ["--target", str(tmp_path / "models"), "--manifest", str(manifest_path), "--allow-unpinned"]
     assert main(args, hub) == 0
     assert sorted(hub.downloads) == ["acme/turbo/model_index.json", "acme/turbo/transformer/w.safetensors"]
-    assert ModelIdentity.from_dir(tmp_path / "models/z-image-turbo").revision == hub.resolve("acme/turbo", "main")
+    assert read_model_identity(tmp_path / "models/z-image-turbo").revision == hub.resolve("acme/turbo", "main")
     assert not load_manifest(manifest_path).model("z-image-turbo").sources[0].pinned  # nothing written
 
 

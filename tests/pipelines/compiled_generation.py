@@ -1,7 +1,7 @@
 """Run by tests/pipelines/test_acceleration.py in a fresh process (a restarted worker, as far as
 dynamo and Inductor's in-memory caches know): the demo engine's eager images for a few jobs, then
-what a CUDA worker does at start (attention selection, regional compile, warm-up) on CPU, the
-same jobs compiled, and the compile cache saved (and once to a path it cannot be written to).
+what a CUDA worker does at start (`prepare_engine`: attention selection, regional compile, warm-up,
+compile cache saved) on CPU, the same jobs compiled, and a save to a path it cannot be written to.
 Prints one JSON line."""
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root
 from torch._dynamo.utils import counters  # noqa: E402
 
 from models.z_image_demo import ensure_demo_model  # noqa: E402
-from pipelines.acceleration import (  # noqa: E402
-    AccelerationReport, compile_blocks, save_compile_cache, select_attention, warm_up,
-)
+from pipelines.acceleration import MEGA_CACHE_FILE, AccelerationPlan, save_compile_cache  # noqa: E402
+from pipelines.startup import prepare_engine  # noqa: E402
 from pipelines.z_image import ZImageEngine  # noqa: E402
 from serving.settings import REPO_ROOT  # noqa: E402
 
@@ -39,20 +38,21 @@ def images(engine: ZImageEngine, count: int, prompt: str, width: int, height: in
 
 
 def main(cache_dir: Path) -> None:
-    engine = ZImageEngine.load(ensure_demo_model(REPO_ROOT / ".cache" / "demo-models"), "cpu")
-    transformer = engine.pipe.transformer
-    eager = [images(engine, *job) for job in JOBS]
-    report = AccelerationReport()
-    select_attention(transformer, "native", report)
-    compile_blocks(transformer, cache_dir, report)
-    warm_up(engine, WARMUP_SIDE, WARMUP_SIDE, WARMUP_MAX_BATCH)
+    model_dir = ensure_demo_model(REPO_ROOT / ".cache" / "demo-models")
+    eager_engine = ZImageEngine.load(model_dir, "cpu")
+    eager = [images(eager_engine, *job) for job in JOBS]
+    del eager_engine
+    # What a CUDA worker does at start, on CPU: attention selection, regional compile, warm-up, cache saved.
+    plan = AccelerationPlan(attention="native", compile=True, compile_cache_dir=cache_dir, warmup=True)
+    engine = prepare_engine(model_dir, "cpu", plan, max_batch=lambda _: WARMUP_MAX_BATCH, warmup_size=WARMUP_SIDE)
+    transformer, report = engine.pipe.transformer, engine.acceleration
     graphs_after_warmup = counters["stats"]["unique_graphs"]
     max_diff, graphs = [], []
     for job, reference in zip(JOBS, eager):
         max_diff.append(int(np.abs(images(engine, *job).astype(int) - reference).max()))
         graphs.append(counters["stats"]["unique_graphs"])
     unwritable = save_compile_cache(Path("/dev/null"))  # not a directory: logged, start goes on
-    saved = save_compile_cache(cache_dir)
+    saved = cache_dir / MEGA_CACHE_FILE if (cache_dir / MEGA_CACHE_FILE).is_file() else None  # saved by the start-up
     blocks = [m for m in transformer.modules() if type(m).__name__ in transformer._repeated_blocks]
     print(json.dumps({
         "blocks": len(blocks), "compiled_blocks": sum(block._compiled_call_impl is not None for block in blocks),

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shutil
+from functools import partial
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +19,12 @@ import torch
 from models.z_image_demo import build_pipeline, ensure_demo_model
 from pipelines.acceleration import (
     MEGA_CACHE_FILE, AccelerationPlan, AccelerationReport, ZImageAttnProcessor, apply_fp8_guarded, compile_blocks,
-    fp8_target_names, guard_images, install_processor, place_text_encoder, psnr_db, select_attention, warm_up,
+    fp8_target_names, install_processor, psnr_db, select_attention,
 )
+from pipelines.startup import place_text_encoder, prepare_engine, render_guard, warm_up
 from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
+from serving.startup import acceleration_plan
 
 
 pytestmark = pytest.mark.usefixtures("restore_attention_backend")
@@ -74,23 +77,22 @@ def test_bad_values_name_the_variable(name, value):
 
 def test_cpu_plan_is_plain_and_says_why(caplog):
     settings = load_settings({"COMPILE": "1", "FP8": "1", "WARMUP": "1", "TEXT_ENCODER_DEVICE": "cpu"})
-    with caplog.at_level(logging.WARNING, logger="pipelines.acceleration"):
-        plan = AccelerationPlan.from_settings(settings, "cpu")
+    with caplog.at_level(logging.WARNING, logger="serving.startup"):
+        plan = acceleration_plan(settings, "cpu")
     assert (plan.compile, plan.fp8, plan.warmup, plan.text_encoder) == (False, False, False, "gpu")
     assert "COMPILE=1 ignored on cpu" in caplog.text and "FP8=1 refused on cpu" in caplog.text
 
 
 def test_cuda_plan_defaults_on_with_off_switches():
-    on = AccelerationPlan.from_settings(load_settings({}), "cuda")
+    on = acceleration_plan(load_settings({}), "cuda")
     assert (on.compile, on.warmup, on.fp8, on.text_encoder) == (True, True, False, "auto")
-    off = AccelerationPlan.from_settings(load_settings({"COMPILE": "0", "WARMUP": "0", "FP8": "1",
-                                                        "TEXT_ENCODER_DEVICE": "cpu"}), "cuda")
+    off = acceleration_plan(load_settings({"COMPILE": "0", "WARMUP": "0", "FP8": "1", "TEXT_ENCODER_DEVICE": "cpu"}),
+                            "cuda")
     assert (off.compile, off.warmup, off.fp8, off.text_encoder) == (False, False, True, "cpu")
 
 
 def test_cpu_load_with_default_plan_touches_nothing(demo_dir):
-    plan = AccelerationPlan.from_settings(load_settings({}), "cpu")
-    engine = ZImageEngine.load(demo_dir, "cpu", acceleration=plan)
+    engine = prepare_engine(demo_dir, "cpu", acceleration_plan(load_settings({}), "cpu"))
     report = engine.acceleration
     assert (report.attention, report.compiled, report.fp8) == ("default", False, False)
     assert all(block._compiled_call_impl is None for block in engine.pipe.transformer.layers)
@@ -100,8 +102,8 @@ def test_cpu_load_with_default_plan_touches_nothing(demo_dir):
 def test_auto_text_encoder_leaves_the_gpu_only_when_one_image_would_not_fit(demo_dir, free_gib, placed):
     """24 GB card: ≈2 GiB left after 20.9 GB of weights, under the 4.5 GiB a 1024² image needs."""
     engine = ZImageEngine.load(demo_dir, "cpu")
-    report = AccelerationReport()
-    place_text_encoder(engine, report, free_bytes=int(free_gib * 2**30), one_image_bytes=4.5 * 2**30)
+    report = engine.acceleration
+    place_text_encoder(engine, "auto", free_bytes=int(free_gib * 2**30), warmup_size=1024)
     assert report.text_encoder_device == placed
     assert (report.notes == []) == (placed == "same")
 
@@ -266,7 +268,7 @@ def test_fp8_guard_refuses_and_restores_when_quality_drops(demo_dir):
     transformer = engine.pipe.transformer
     before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, 1)}
     report = AccelerationReport()
-    apply_fp8_guarded(engine, _guard_plan(30), report, quantize=_replace_weights(-3.0), size=64)
+    apply_fp8_guarded(engine.pipe.transformer, partial(render_guard, engine, 64), _guard_plan(30), report, quantize=_replace_weights(-3.0))
     assert report.fp8 is False and report.fp8_psnr_db < 30
     assert "FP8 refused: guard PSNR" in report.notes[0]
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
@@ -275,7 +277,7 @@ def test_fp8_guard_refuses_and_restores_when_quality_drops(demo_dir):
 def test_fp8_guard_accepts_a_faithful_quantization(demo_dir):
     engine = ZImageEngine.load(demo_dir, "cpu")
     report = AccelerationReport()
-    apply_fp8_guarded(engine, _guard_plan(30), report, quantize=_replace_weights(1.0), size=64)
+    apply_fp8_guarded(engine.pipe.transformer, partial(render_guard, engine, 64), _guard_plan(30), report, quantize=_replace_weights(1.0))
     assert report.fp8 is True and report.fp8_psnr_db == math.inf
 
 
@@ -285,17 +287,17 @@ def test_a_quantizer_failing_half_way_leaves_the_original_weights(demo_dir):
     engine = ZImageEngine.load(demo_dir, "cpu")
     transformer = engine.pipe.transformer
     before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, 1)}
-    reference = guard_images(engine, 64)
+    reference = render_guard(engine, 64)
 
     def replace_then_refuse(model, names):
         _replace_weights(0.5)(model, names)
         raise AssertionError("float8 needs SM >= 8.9")
 
     report = AccelerationReport()
-    apply_fp8_guarded(engine, _guard_plan(30), report, quantize=replace_then_refuse, size=64)
+    apply_fp8_guarded(engine.pipe.transformer, partial(render_guard, engine, 64), _guard_plan(30), report, quantize=replace_then_refuse)
     assert report.fp8 is False and report.notes == ["FP8 refused: AssertionError: float8 needs SM >= 8.9"]
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
-    np.testing.assert_array_equal(guard_images(engine, 64), reference)
+    np.testing.assert_array_equal(render_guard(engine, 64), reference)
 
 
 def test_real_torchao_refusing_the_hardware_leaves_a_working_bf16_engine(demo_dir):
@@ -305,9 +307,9 @@ def test_real_torchao_refusing_the_hardware_leaves_a_working_bf16_engine(demo_di
     engine = ZImageEngine.load(demo_dir, "cpu")
     transformer = engine.pipe.transformer
     before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, 1)}
-    reference = guard_images(engine, 64)
+    reference = render_guard(engine, 64)
     report = AccelerationReport()
-    apply_fp8_guarded(engine, _guard_plan(30), report, size=64)  # the real torchao quantizer
+    apply_fp8_guarded(engine.pipe.transformer, partial(render_guard, engine, 64), _guard_plan(30), report)  # the real torchao quantizer
     assert report.fp8 is False and report.notes[0].startswith("FP8 refused: ")
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
-    np.testing.assert_array_equal(guard_images(engine, 64), reference)
+    np.testing.assert_array_equal(render_guard(engine, 64), reference)

@@ -6,7 +6,8 @@ import torch
 
 from models.demo_pulid import ensure_demo_bundle
 from pipelines.identity import IdentityCache, IdentityEmbedding, MultipleFaces, NoFace
-from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
+from pipelines.engine import SamplingStopped
+from pipelines.pulid_flux import PuLIDFluxPipeline
 from tests.conftest import force_parsing_label
 
 SIZE = dict(width=64, height=64, steps=3, guidance_scale=3.5)
@@ -61,8 +62,8 @@ def test_face_parsing_decides_what_eva_sees(pipe):
 
 
 def test_identity_changes_the_image_and_weight_zero_is_plain_flux(pipe, identity):
-    with_id = pipe.generate([PROMPT], [7], identity=identity, id_weight=1.0, **SIZE)[0]
-    without = pipe.generate([PROMPT], [7], identity=identity, id_weight=0.0, **SIZE)[0]
+    with_id = pipe.render([PROMPT], [7], identity=identity, id_weight=1.0, **SIZE)[0]
+    without = pipe.render([PROMPT], [7], identity=identity, id_weight=0.0, **SIZE)[0]
     assert with_id.shape == (64, 64, 3) and with_id.dtype == np.uint8
     assert diff(with_id, without) > 1.0
     # after an identity run the hooks must be off again: weight 0 is exactly stock FLUX
@@ -70,18 +71,18 @@ def test_identity_changes_the_image_and_weight_zero_is_plain_flux(pipe, identity
 
 
 def test_identity_start_step(pipe, identity):
-    late = pipe.generate([PROMPT], [3], identity=identity, id_weight=1.0, identity_start_step=2, **SIZE)[0]
-    never = pipe.generate([PROMPT], [3], identity=identity, id_weight=1.0, identity_start_step=3, **SIZE)[0]
-    full = pipe.generate([PROMPT], [3], identity=identity, id_weight=1.0, identity_start_step=0, **SIZE)[0]
+    late = pipe.render([PROMPT], [3], identity=identity, id_weight=1.0, identity_start_step=2, **SIZE)[0]
+    never = pipe.render([PROMPT], [3], identity=identity, id_weight=1.0, identity_start_step=3, **SIZE)[0]
+    full = pipe.render([PROMPT], [3], identity=identity, id_weight=1.0, identity_start_step=0, **SIZE)[0]
     np.testing.assert_array_equal(never, plain_flux(pipe, 3))
     assert diff(late, never) > 0.1 and diff(late, full) > 0.1
 
 
 def test_batched_equals_unbatched_per_seed(pipe, identity):
     prompts, seeds = [PROMPT, "a person at the beach"], [11, 12]
-    batch = pipe.generate(prompts, seeds, identity=identity, id_weight=1.0, **SIZE)
+    batch = pipe.render(prompts, seeds, identity=identity, id_weight=1.0, **SIZE)
     for prompt, seed, image in zip(prompts, seeds, batch):
-        single = pipe.generate([prompt], [seed], identity=identity, id_weight=1.0, **SIZE)[0]
+        single = pipe.render([prompt], [seed], identity=identity, id_weight=1.0, **SIZE)[0]
         assert np.abs(single.astype(np.int16) - image).max() <= 1
     assert diff(batch[0], batch[1]) > 1.0
 
@@ -115,6 +116,6 @@ def test_identity_cache_evicts_least_recently_used():
 
 def test_cancel_check_stops_generation(pipe, identity):
     calls = []
-    with pytest.raises(Cancelled):
-        pipe.generate([PROMPT], [1], identity=identity, id_weight=1.0, cancel_check=lambda: calls.append(1) or True, **SIZE)
+    with pytest.raises(SamplingStopped):
+        pipe.render([PROMPT], [1], identity=identity, id_weight=1.0, should_stop=lambda: calls.append(1) or True, **SIZE)
     assert len(calls) == 1, "the first step's check must stop the run"

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.samplers import SamplingStopped
-from pipelines.z_image import BatchResult, BatchSpec, ImageItem
+from pipelines.engine import BatchResult, ImageItem, ModelIdentity, SamplingStopped
+from pipelines.z_image import BatchSpec
 from serving.batcher import Batcher, ImageOutcome
 
 SPEC = BatchSpec(64, 64, 2, 0.0, "z-image-simple")
@@ -42,9 +42,34 @@ class Recorder:
             return sorted(self.outcomes[job_id], key=lambda o: o.index)
 
 
+class StubEngine:
+    """The Engine interface around a test's model call: images of equal specs share a batch."""
+
+    name = "stub"
+    device = torch.device("cpu")
+    identity = ModelIdentity("stub", "none", demo=True)
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def batch_key(self, spec, item):
+        return spec
+
+    def activation_bytes(self, spec) -> float:
+        return 0.0
+
+    def generate(self, batch, spec, should_stop):
+        return self.run(batch, spec, should_stop)
+
+    def numerics(self) -> dict:
+        return {}
+
+
 def make_batcher(run, max_batch=4, wait_s=0.05, fatal=lambda err: False, on_fatal=lambda err: None) -> Batcher:
-    return Batcher(run, lambda spec: max_batch, wait_s, lambda err: isinstance(err, torch.OutOfMemoryError),
-                   fatal, on_fatal)
+    batcher = Batcher(lambda engine, spec: max_batch, wait_s, lambda err: isinstance(err, torch.OutOfMemoryError),
+                      fatal, on_fatal)
+    batcher.engine = StubEngine(run)
+    return batcher
 
 
 def items(prefix: str, count: int) -> list[tuple[int, ImageItem]]:
@@ -65,8 +90,8 @@ def test_compatible_images_of_concurrent_jobs_share_a_call():
         return fake_images(batch, spec)
 
     recorder, batcher = Recorder(), make_batcher(run, wait_s=0.2)
-    batcher.submit("a", SPEC, "g", items("a", 2), recorder.sink("a"))
-    batcher.submit("b", SPEC, "g", items("b", 2), recorder.sink("b"))
+    batcher.submit("a", batcher.engine, SPEC, items("a", 2), recorder.sink("a"))
+    batcher.submit("b", batcher.engine, SPEC, items("b", 2), recorder.sink("b"))
     gate.set()
     assert [o.batch_size for o in recorder.wait("a", 2)] == [4, 4]
     recorder.wait("b", 2)
@@ -86,9 +111,9 @@ def test_a_small_job_waits_at_most_one_batch_behind_a_large_one():
         return fake_images(batch, spec)
 
     recorder, batcher = Recorder(), make_batcher(run, max_batch=2, wait_s=0.0)
-    batcher.submit("big", SPEC, "g", items("big", 8), recorder.sink("big"))
+    batcher.submit("big", batcher.engine, SPEC, items("big", 8), recorder.sink("big"))
     assert first_started.wait(5)
-    batcher.submit("small", OTHER, "other", items("small", 1), recorder.sink("small"))  # another size even
+    batcher.submit("small", batcher.engine, OTHER, items("small", 1), recorder.sink("small"))  # another size even
     release.set()
     recorder.wait("big", 8)
     recorder.wait("small", 1)
@@ -106,7 +131,7 @@ def test_out_of_memory_splits_the_batch_and_every_image_arrives():
         return fake_images(batch, spec)
 
     recorder, batcher = Recorder(), make_batcher(run)
-    batcher.submit("a", SPEC, "g", items("a", 4), recorder.sink("a"))
+    batcher.submit("a", batcher.engine, SPEC, items("a", 4), recorder.sink("a"))
     outcomes = recorder.wait("a", 4)
     assert all(o.pixels is not None for o in outcomes) and sizes == [4, 2, 1, 1, 2, 1, 1]
     batcher.stop()
@@ -119,7 +144,7 @@ def test_one_bad_image_fails_alone_and_its_batch_mates_succeed():
         return fake_images(batch, spec)
 
     recorder, batcher = Recorder(), make_batcher(run)
-    batcher.submit("a", SPEC, "g", items("a", 4), recorder.sink("a"))
+    batcher.submit("a", batcher.engine, SPEC, items("a", 4), recorder.sink("a"))
     outcomes = recorder.wait("a", 4)
     assert [o.error_code for o in outcomes] == [None, None, "generation_failed", None]
     assert "Traceback" not in outcomes[2].error_message
@@ -134,7 +159,7 @@ def test_a_device_failure_asks_for_a_fresh_worker():
 
     recorder = Recorder()
     batcher = make_batcher(run, fatal=lambda err: "CUDA error" in str(err), on_fatal=fatal_seen.append)
-    batcher.submit("a", SPEC, "g", items("a", 2), recorder.sink("a"))
+    batcher.submit("a", batcher.engine, SPEC, items("a", 2), recorder.sink("a"))
     assert {o.error_code for o in recorder.wait("a", 2)} == {"device_failure"}
     assert len(fatal_seen) == 1
     batcher.stop()
@@ -154,7 +179,7 @@ def test_cancelling_the_only_job_stops_its_batch_at_the_next_step():
         return fake_images(batch, spec)
 
     recorder, batcher = Recorder(), make_batcher(run)
-    ticket = batcher.submit("a", SPEC, "g", items("a", 4), recorder.sink("a"))
+    ticket = batcher.submit("a", batcher.engine, SPEC, items("a", 4), recorder.sink("a"))
     assert started.wait(5)
     batcher.cancel(ticket)
     deadline = time.monotonic() + 5
@@ -177,8 +202,8 @@ def test_a_batch_shared_with_a_live_job_keeps_running_when_one_job_cancels():
         return fake_images(batch, spec)
 
     recorder, batcher = Recorder(), make_batcher(run, wait_s=0.2)
-    cancelled = batcher.submit("a", SPEC, "g", items("a", 1), recorder.sink("a"))
-    batcher.submit("b", SPEC, "g", items("b", 1), recorder.sink("b"))
+    cancelled = batcher.submit("a", batcher.engine, SPEC, items("a", 1), recorder.sink("a"))
+    batcher.submit("b", batcher.engine, SPEC, items("b", 1), recorder.sink("b"))
     time.sleep(0.3)
     batcher.cancel(cancelled)
     release.set()
@@ -196,7 +221,7 @@ def test_batches_never_exceed_the_limit(max_batch):
         return fake_images(batch, spec)
 
     recorder, batcher = Recorder(), make_batcher(run, max_batch=max_batch)
-    batcher.submit("a", SPEC, "g", items("a", 7), recorder.sink("a"))
+    batcher.submit("a", batcher.engine, SPEC, items("a", 7), recorder.sink("a"))
     recorder.wait("a", 7)
     assert max(sizes) <= max_batch and sum(sizes) == 7
     batcher.stop()

@@ -330,9 +330,9 @@ def test_cache_key_covers_the_numerics_that_change_pixels(worker, monkeypatch):
     assert run(worker, job)["images_from_cache"] == 0
     assert run(worker, job)["images_from_cache"] == 1
     # the same model with FP8 weights makes other pixels: it must not be served this worker's images
-    monkeypatch.setattr(worker.engine.acceleration, "fp8", True)
+    monkeypatch.setattr(worker.engine.acceleration, "fp8_layers", 12)
     assert run(worker, job)["images_from_cache"] == 0
-    monkeypatch.setattr(worker.engine.acceleration, "fp8", False)
+    monkeypatch.setattr(worker.engine.acceleration, "fp8_layers", 0)
     monkeypatch.setattr(worker.engine, "dtype", __import__("torch").bfloat16)
     assert run(worker, job)["images_from_cache"] == 0
 

@@ -1,0 +1,97 @@
+"""Bringing a Z-Image engine up to speed: load → speed switches → text encoder placement → warm-up
+→ compile cache saved. The one start-up sequence, used by the worker, the GPU benchmark, the GPU
+check and the compile tests, so what they measure is what serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pipelines.acceleration import AccelerationPlan, accelerate_transformer, save_compile_cache
+from pipelines.z_image import BatchSpec, ZImageEngine
+
+log = logging.getLogger(__name__)
+
+WARMUP_SIZE = 1024  # the API's default width and height
+WARMUP_STEPS = 2
+WARMUP_PROMPT = "warm-up"
+WARMUP_LONG_PROMPT = "warm-up " * 40  # another 32-token caption bucket than WARMUP_PROMPT, any tokenizer
+GUARD_PROMPT = "a portrait photo of a woman in a red wool coat on a city street, evening light"
+GUARD_IMAGES = 2  # seeds 0 and 1
+GUARD_SIZE = 512
+GUARD_STEPS = 8
+
+
+def free_gpu_bytes() -> int:
+    """Free GPU memory once the allocator has returned what load-time forwards (attention probes,
+    the FP8 guard) or a failed load left cached: that memory is free for jobs too."""
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
+def render_guard(engine: ZImageEngine, size: int = GUARD_SIZE) -> np.ndarray:
+    """The fixed-seed images both precisions must agree on (the FP8 guard)."""
+    return engine.generate_fixed(GUARD_PROMPT, GUARD_IMAGES, size, size, GUARD_STEPS).images
+
+
+def warm_up(engine: ZImageEngine, width: int, height: int, max_batch: int, steps: int = WARMUP_STEPS) -> dict[str, float]:
+    """The generations that leave nothing to compile for the first jobs: batch 1 (compiles static),
+    batch 2 (recompiles once with a symbolic batch, which then serves every larger batch), then
+    batch 1 again with a caption of another length. Dynamo specialises size 1, so batch 1 keeps its
+    own graph, static in the sequence length until it sees a second one. After these three, jobs of
+    any batch size up to `max_batch`, caption length or image size reuse the graphs
+    (tests/pipelines/test_acceleration.py); warming each larger batch size would only lengthen the
+    cold start."""
+    runs = [(f"batch {size}", size, WARMUP_PROMPT) for size in (1, 2) if size <= max_batch]
+    runs.append(("batch 1, long prompt", 1, WARMUP_LONG_PROMPT))
+    spent: dict[str, float] = {}
+    for name, size, prompt in runs:
+        started = time.perf_counter()
+        engine.generate_fixed(prompt, size, width, height, steps)
+        spent[name] = round((time.perf_counter() - started) * 1000, 1)
+        log.info("warm-up %s at %dx%d: %.0f ms", name, width, height, spent[name])
+    return spent
+
+
+def place_text_encoder(engine: ZImageEngine, choice: str, free_bytes: int | None, warmup_size: int) -> None:
+    """TEXT_ENCODER_DEVICE: `cpu` moves it; `auto`, once every model is loaded, keeps it on the GPU
+    (prompts encode in milliseconds) unless the memory left (`free_bytes`; None off the GPU) could
+    not hold one default-size image."""
+    if choice == "cpu":
+        engine.move_text_encoder_to_cpu("TEXT_ENCODER_DEVICE=cpu")
+    elif choice == "auto" and free_bytes is not None:
+        needed = engine.activation_bytes(BatchSpec(warmup_size, warmup_size, WARMUP_STEPS, 0.0, "z-image-simple"))
+        if free_bytes < needed:
+            engine.move_text_encoder_to_cpu(f"auto: {free_bytes / 2**30:.1f} GiB free after loading, "
+                                            f"one image needs {needed / 2**30:.1f} GiB")
+
+
+def prepare_engine(
+    model_dir: Path, device: str, plan: AccelerationPlan, *, prompt_cache_size: int = 256,
+    max_batch: Callable[[ZImageEngine], int] = lambda engine: 2, warmup_size: int = WARMUP_SIZE,
+) -> ZImageEngine:
+    """A served engine from a diffusers folder. Load other models first: `auto` text-encoder
+    placement and `max_batch(engine)` read the GPU memory that is left. Each phase's time is kept
+    in `engine.startup_ms` (capabilities and the GPU check report it)."""
+    started = time.perf_counter()
+    engine = ZImageEngine.load(model_dir, device, prompt_cache_size)
+    phases = {"load": (time.perf_counter() - started) * 1000}
+    mark = time.perf_counter()
+    cuda = engine.device.type == "cuda"
+    engine.acceleration = accelerate_transformer(engine.pipe.transformer, plan, partial(render_guard, engine), cuda)
+    place_text_encoder(engine, plan.text_encoder, free_gpu_bytes() if cuda else None, warmup_size)
+    phases["acceleration"] = (time.perf_counter() - mark) * 1000
+    if plan.warmup:  # compile now, at the default size, not in a job
+        mark = time.perf_counter()
+        engine.acceleration.warmup_ms = warm_up(engine, warmup_size, warmup_size, max_batch(engine))
+        save_compile_cache(plan.compile_cache_dir if engine.acceleration.compiled else None)
+        phases["warm_up"] = (time.perf_counter() - mark) * 1000
+    engine.startup_ms = {phase: round(ms, 1) for phase, ms in phases.items()}
+    return engine
