@@ -178,15 +178,17 @@ def select_attention(transformer: torch.nn.Module, choice: str, report: Accelera
 
 
 # -- FP8 -----------------------------------------------------------------------------------------
-def fp8_target_names(transformer: torch.nn.Module, keep_last_blocks: int) -> list[str]:
-    """Linear layers of the main blocks, minus the sensitive ones: adaLN modulation and the last
-    `keep_last_blocks` blocks. Embedders, refiners and the final layer are never listed."""
-    quantized_blocks = len(transformer.layers) - keep_last_blocks
+def fp8_target_names(transformer: torch.nn.Module, blocks: tuple[str, ...], keep_last_blocks: int) -> list[str]:
+    """Linear layers of the main blocks (`blocks`: the transformer's block lists, in forward order),
+    minus the sensitive ones: modulation (adaLN / norm linears) and the last `keep_last_blocks`
+    blocks. Embedders, refiners and the final layer are never listed."""
+    ordered = [f"{attr}.{i}" for attr in blocks for i in range(len(getattr(transformer, attr)))]
+    quantized = set(ordered[: max(0, len(ordered) - keep_last_blocks)])
     names = []
     for name, module in transformer.named_modules():
         parts = name.split(".")
-        if (isinstance(module, torch.nn.Linear) and parts[0] == "layers" and int(parts[1]) < quantized_blocks
-                and "adaLN_modulation" not in parts):
+        if (isinstance(module, torch.nn.Linear) and ".".join(parts[:2]) in quantized
+                and not any(part == "adaLN_modulation" or part.startswith("norm") for part in parts[2:])):
             names.append(name)
     return names
 
@@ -208,12 +210,13 @@ def psnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def apply_fp8_guarded(
-    transformer: torch.nn.Module, render_guard: Callable[[], np.ndarray], plan: AccelerationPlan,
-    report: AccelerationReport, quantize: Callable[[torch.nn.Module, set[str]], None] = torchao_float8,
+    transformer: torch.nn.Module, blocks: tuple[str, ...], render_guard: Callable[[], np.ndarray],
+    plan: AccelerationPlan, report: AccelerationReport,
+    quantize: Callable[[torch.nn.Module, set[str]], None] = torchao_float8,
 ) -> None:
     """Quantize, render the fixed guard images again, and put the bf16 weights back if their PSNR
     against the bf16 render is too low. `render_guard` is the pipeline's own fixed-seed batch."""
-    names = fp8_target_names(transformer, plan.fp8_keep_last_blocks)
+    names = fp8_target_names(transformer, blocks, plan.fp8_keep_last_blocks)
     reference = render_guard()
     originals = {name: transformer.get_submodule(name).weight for name in names}
     try:  # float8 kernels fail at the first matmul on GPUs below SM 8.9: render inside the try
@@ -310,15 +313,17 @@ def save_compile_cache(cache_dir: Path | None) -> Path | None:
 
 # -- entry point -----------------------------------------------------------------------------------
 def accelerate_transformer(
-    transformer: torch.nn.Module, plan: AccelerationPlan, render_guard: Callable[[], np.ndarray], on_cuda: bool,
+    transformer: torch.nn.Module, plan: AccelerationPlan, *, fp8_blocks: tuple[str, ...],
+    render_guard: Callable[[], np.ndarray], select_attention_backend: bool,
 ) -> AccelerationReport:
-    """Apply the plan's transformer switches in the order that works: attention (probed eagerly),
-    FP8 (its guard needs the eager model), then compile."""
+    """Apply the plan's transformer switches in the order that works: attention (probed eagerly;
+    Z-Image's processor, so only where `select_attention_backend`), FP8 of `fp8_blocks` (its guard
+    needs the eager model), then compile."""
     report = AccelerationReport()
-    if plan.attention != "auto" or on_cuda:
+    if select_attention_backend:
         select_attention(transformer, plan.attention, report)
     if plan.fp8:
-        apply_fp8_guarded(transformer, render_guard, plan, report)
+        apply_fp8_guarded(transformer, fp8_blocks, render_guard, plan, report)
     if plan.compile:
         compile_blocks(transformer, plan.compile_cache_dir, report)
     return report

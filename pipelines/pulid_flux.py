@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from models.eva_clip import EVAVisionConfig, EVAVisionTower, load_eva_state_dict
 from models.face_parsing import BiSeNet, load_parsing_state_dict
 from models.pulid_modules import IDFormer, PuLIDModules
+from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.engine import BatchResult, ImageItem, ModelIdentity, SamplingStopped, StopCheck
 from pipelines.identity import FaceEncoder, IdentityCache, IdentityEmbedding, IdentityEncoder, image_key
 
@@ -129,6 +130,7 @@ class PuLIDFluxPipeline:
     """FLUX.1-dev + PuLID. Load once, then ``compute_identity`` per reference and ``generate`` per batch."""
 
     name = "pulid-flux"
+    fp8_blocks = ("transformer_blocks", "single_transformer_blocks")
 
     def __init__(self, flux: FluxPipeline, pulid: PuLIDModules, identity: IdentityEncoder, cache_size: int = 32,
                  model_identity: ModelIdentity | None = None) -> None:
@@ -139,6 +141,7 @@ class PuLIDFluxPipeline:
         self.identity_cache = IdentityCache(cache_size)
         self.identity = model_identity or ModelIdentity("pulid-flux", "unknown", demo=False)
         self.device = flux.transformer.device
+        self.acceleration = AccelerationReport()
 
     @classmethod
     def load(
@@ -168,16 +171,25 @@ class PuLIDFluxPipeline:
         return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20
 
     def numerics(self) -> dict[str, Any]:
-        return {"dtype": str(self.flux.transformer.dtype)}
+        return {"dtype": str(self.flux.transformer.dtype), "fp8_layers": self.acceleration.fp8_layers}
 
     def generate(self, items: list[ImageItem], spec: PuLIDSpec, should_stop: StopCheck = lambda: False) -> BatchResult:
-        """One image per item (its prompt and seed; FLUX takes no negative prompt)."""
+        """One image per item (its prompt and seed; FLUX takes no negative prompt). A compile that
+        fails turns the transformer eager and renders again from the same seeds."""
         started = time.perf_counter()
-        images = self.render(
+        images = with_compile_fallback(lambda: self.render(
             [item.prompt for item in items], [item.seed for item in items], spec.width, spec.height, spec.steps,
             spec.guidance_scale, spec.identity, spec.id_weight, spec.identity_start_step, should_stop,
-        )
+        ), self.flux.transformer, self.acceleration)
         return BatchResult(np.stack(images), {"denoising": round((time.perf_counter() - started) * 1000, 2)})
+
+    def blank_identity(self) -> IdentityEmbedding:
+        """Id tokens of the right shape and no face (zeros): for warm-up, which must trace the
+        identity hooks without a reference photo."""
+        encoder = self.pulid.pulid_encoder
+        weight = encoder.proj_out
+        tokens = torch.zeros(1, encoder.num_queries, weight.shape[1], device=weight.device, dtype=weight.dtype)
+        return IdentityEmbedding(tokens=tokens, bbox=(0.0, 0.0, 0.0, 0.0))
 
     def compute_identity(self, reference_rgb: np.ndarray) -> IdentityEmbedding:
         """Id tokens for the single face in an RGB uint8 photo; raises ``NoFace`` / ``MultipleFaces``."""

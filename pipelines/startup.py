@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from pipelines.acceleration import AccelerationPlan, accelerate_transformer, save_compile_cache
+from pipelines.engine import ImageItem
+from pipelines.pulid_flux import PuLIDFluxPipeline, PuLIDSpec
 from pipelines.z_image import BatchSpec, ZImageEngine
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,7 @@ GUARD_PROMPT = "a portrait photo of a woman in a red wool coat on a city street,
 GUARD_IMAGES = 2  # seeds 0 and 1
 GUARD_SIZE = 512
 GUARD_STEPS = 8
+PULID_GUIDANCE = 4.0  # FLUX.1-dev's distilled guidance in consistent mode
 
 
 def free_gpu_bytes() -> int:
@@ -85,7 +88,9 @@ def prepare_engine(
     phases = {"load": (time.perf_counter() - started) * 1000}
     mark = time.perf_counter()
     cuda = engine.device.type == "cuda"
-    engine.acceleration = accelerate_transformer(engine.pipe.transformer, plan, partial(render_guard, engine), cuda)
+    engine.acceleration = accelerate_transformer(
+        engine.pipe.transformer, plan, fp8_blocks=engine.fp8_blocks, render_guard=partial(render_guard, engine),
+        select_attention_backend=cuda or plan.attention != "auto")
     place_text_encoder(engine, plan.text_encoder, free_gpu_bytes() if cuda else None, warmup_size)
     phases["acceleration"] = (time.perf_counter() - mark) * 1000
     if plan.warmup:  # compile now, at the default size, not in a job
@@ -95,3 +100,36 @@ def prepare_engine(
         phases["warm_up"] = (time.perf_counter() - mark) * 1000
     engine.startup_ms = {phase: round(ms, 1) for phase, ms in phases.items()}
     return engine
+
+
+def render_pulid_guard(pipeline: PuLIDFluxPipeline, size: int = GUARD_SIZE) -> np.ndarray:
+    """FLUX's fixed-seed guard images, no identity: the FP8 guard compares the transformer alone."""
+    return np.stack(pipeline.render([GUARD_PROMPT] * GUARD_IMAGES, list(range(GUARD_IMAGES)), size, size,
+                                    GUARD_STEPS, PULID_GUIDANCE, None))
+
+
+def warm_up_pulid(pipeline: PuLIDFluxPipeline, size: int, max_batch: int, steps: int = WARMUP_STEPS) -> dict[str, float]:
+    """Batch 1, then batch 2 when allowed, with a blank identity that starts at the second step:
+    both the plain and the identity-injecting block graphs compile before any job."""
+    identity = pipeline.blank_identity()
+    spent: dict[str, float] = {}
+    for count in [size_ for size_ in (1, 2) if size_ <= max_batch]:
+        spec = PuLIDSpec(size, size, steps, PULID_GUIDANCE, "warm-up", 1.0, 1, identity)
+        started = time.perf_counter()
+        pipeline.generate([ImageItem(WARMUP_PROMPT, "", seed) for seed in range(count)], spec)
+        spent[f"batch {count}"] = round((time.perf_counter() - started) * 1000, 1)
+        log.info("PuLID warm-up batch %d at %dx%d: %.0f ms", count, size, size, spent[f"batch {count}"])
+    return spent
+
+
+def prepare_pulid(pipeline: PuLIDFluxPipeline, plan: AccelerationPlan, *, max_batch: int = 2,
+                  warmup_size: int = WARMUP_SIZE) -> None:
+    """Consistent mode's speed switches, as Z-Image's: FP8 of the FLUX blocks behind the same guard,
+    regional compile with the same eager fallback and cache, warm-up. Attention stays diffusers'
+    FLUX processor (SDPA)."""
+    pipeline.acceleration = accelerate_transformer(
+        pipeline.flux.transformer, plan, fp8_blocks=pipeline.fp8_blocks,
+        render_guard=partial(render_pulid_guard, pipeline), select_attention_backend=False)
+    if plan.warmup:
+        pipeline.acceleration.warmup_ms = warm_up_pulid(pipeline, warmup_size, max_batch)
+        save_compile_cache(plan.compile_cache_dir if pipeline.acceleration.compiled else None)

@@ -110,6 +110,7 @@ class ZImageEngine:
     """One warm Z-Image pipeline; `generate` runs one batch through encode → denoise → decode."""
 
     name = "z-image"
+    fp8_blocks = ("layers",)  # the main blocks; the refiners stay bf16
 
     def __init__(self, pipe, identity: ModelIdentity, device: str, prompt_cache_size: int) -> None:
         self.pipe = pipe

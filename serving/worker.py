@@ -26,7 +26,7 @@ from models.z_image_demo import ensure_demo_model
 from pipelines.engine import Engine, ImageItem
 from pipelines.identity import IdentityError, MultipleFaces
 from pipelines.pulid_flux import PuLIDFluxPipeline, PuLIDSpec
-from pipelines.startup import free_gpu_bytes, prepare_engine
+from pipelines.startup import free_gpu_bytes, prepare_engine, prepare_pulid
 from pipelines.z_image import BatchSpec, ZImageEngine, pick_device, serving_dtype
 from serving.batcher import Batcher, ImageOutcome
 from serving.delivery import Delivered, Delivery
@@ -129,6 +129,7 @@ class Worker:
         try:
             bundle = bundle or ensure_demo_bundle(settings.demo_model_dir)
             pipeline = PuLIDFluxPipeline.load(bundle, device, serving_dtype(device), settings.pulid_identity_cache)
+            prepare_pulid(pipeline, acceleration_plan(settings, device), max_batch=settings.max_batch or 2)
         except Exception as err:  # noqa: BLE001 - a broken optional pipeline must not stop fast mode
             log.error("consistent mode unavailable: PuLID pipeline failed to load: %s", err)
             return None, f"the PuLID pipeline failed to load ({type(err).__name__})"

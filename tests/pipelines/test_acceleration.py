@@ -237,11 +237,25 @@ def test_fp8_targets_keep_sensitive_layers_in_full_precision():
 
     model = ZImageTransformer2DModel(dim=32, n_layers=4, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
                                      cap_feat_dim=32, axes_dims=[8, 4, 4], axes_lens=[256, 64, 64])
-    names = fp8_target_names(model, keep_last_blocks=1)
+    names = fp8_target_names(model, ("layers",), keep_last_blocks=1)
     assert {name.split(".")[1] for name in names} == {"0", "1", "2"}  # block 3 (the last) stays bf16
     assert len(names) == 3 * 7  # q, k, v, out + three FFN matrices per block
     assert not any("adaLN" in name or "refiner" in name or "embedder" in name or "final" in name for name in names)
-    assert fp8_target_names(model, keep_last_blocks=4) == []
+    assert fp8_target_names(model, ("layers",), keep_last_blocks=4) == []
+
+
+def test_flux_fp8_targets_span_both_block_kinds_and_skip_modulation():
+    from diffusers import FluxTransformer2DModel
+
+    model = FluxTransformer2DModel(in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
+                                   num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+                                   axes_dims_rope=(2, 2, 4))
+    names = fp8_target_names(model, ("transformer_blocks", "single_transformer_blocks"), keep_last_blocks=2)
+    blocks = {".".join(name.split(".")[:2]) for name in names}
+    # forward order: double 0, 1, then single 0, 1, 2; the last two (single 1, 2) stay bf16
+    assert blocks == {"transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"}
+    assert not any(".norm" in name for name in names)
+    assert "transformer_blocks.0.attn.to_q" in names and "single_transformer_blocks.0.proj_mlp" in names
 
 
 def test_psnr():
@@ -266,9 +280,9 @@ def _replace_weights(scale: float):
 def test_fp8_guard_refuses_and_restores_when_quality_drops(demo_dir):
     engine = ZImageEngine.load(demo_dir, "cpu")
     transformer = engine.pipe.transformer
-    before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, 1)}
+    before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, ("layers",), 1)}
     report = AccelerationReport()
-    apply_fp8_guarded(engine.pipe.transformer, partial(render_guard, engine, 64), _guard_plan(30), report, quantize=_replace_weights(-3.0))
+    apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report, quantize=_replace_weights(-3.0))
     assert report.fp8 is False and report.fp8_psnr_db < 30
     assert "FP8 refused: guard PSNR" in report.notes[0]
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
@@ -277,7 +291,7 @@ def test_fp8_guard_refuses_and_restores_when_quality_drops(demo_dir):
 def test_fp8_guard_accepts_a_faithful_quantization(demo_dir):
     engine = ZImageEngine.load(demo_dir, "cpu")
     report = AccelerationReport()
-    apply_fp8_guarded(engine.pipe.transformer, partial(render_guard, engine, 64), _guard_plan(30), report, quantize=_replace_weights(1.0))
+    apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report, quantize=_replace_weights(1.0))
     assert report.fp8 is True and report.fp8_psnr_db == math.inf
 
 
@@ -286,7 +300,7 @@ def test_a_quantizer_failing_half_way_leaves_the_original_weights(demo_dir):
     are put back, so the bf16 engine serves exactly what it served before."""
     engine = ZImageEngine.load(demo_dir, "cpu")
     transformer = engine.pipe.transformer
-    before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, 1)}
+    before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, ("layers",), 1)}
     reference = render_guard(engine, 64)
 
     def replace_then_refuse(model, names):
@@ -294,7 +308,7 @@ def test_a_quantizer_failing_half_way_leaves_the_original_weights(demo_dir):
         raise AssertionError("float8 needs SM >= 8.9")
 
     report = AccelerationReport()
-    apply_fp8_guarded(engine.pipe.transformer, partial(render_guard, engine, 64), _guard_plan(30), report, quantize=replace_then_refuse)
+    apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report, quantize=replace_then_refuse)
     assert report.fp8 is False and report.notes == ["FP8 refused: AssertionError: float8 needs SM >= 8.9"]
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
     np.testing.assert_array_equal(render_guard(engine, 64), reference)
@@ -306,10 +320,10 @@ def test_real_torchao_refusing_the_hardware_leaves_a_working_bf16_engine(demo_di
     refuses before touching a weight; the restore is tested with a quantizer failing half-way.)"""
     engine = ZImageEngine.load(demo_dir, "cpu")
     transformer = engine.pipe.transformer
-    before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, 1)}
+    before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, ("layers",), 1)}
     reference = render_guard(engine, 64)
     report = AccelerationReport()
-    apply_fp8_guarded(engine.pipe.transformer, partial(render_guard, engine, 64), _guard_plan(30), report)  # the real torchao quantizer
+    apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report)  # the real torchao quantizer
     assert report.fp8 is False and report.notes[0].startswith("FP8 refused: ")
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
     np.testing.assert_array_equal(render_guard(engine, 64), reference)
