@@ -23,7 +23,7 @@ import torch
 
 from models.demo_pulid import BUNDLE_VERSION, ensure_demo_bundle
 from models.z_image_demo import ensure_demo_model
-from pipelines.acceleration import AccelerationPlan, place_text_encoder, save_compile_cache, warm_up
+from pipelines.acceleration import AccelerationPlan, accelerate, place_text_encoder, save_compile_cache, warm_up
 from pipelines.identity import IdentityError, MultipleFaces
 from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
 from pipelines.samplers import SamplingStopped
@@ -38,6 +38,7 @@ from serving.schema import (
     MIN_SIDE, MODE_DEFAULTS, SIZE_MULTIPLE, CapabilitiesRequest, GenerateRequest, parse_job_input,
 )
 from serving.settings import Settings
+from serving.startup_timing import StartupTimer
 from serving.storage import ImageStore, StorageConfigError, storage_config_from_job
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,7 @@ class Worker:
         self.consistent_reason = consistent_reason
         self.needs_refresh = False
         self.progress_sink: ProgressSink = lambda job, payload: None
+        self.startup = StartupTimer()
         self._free_bytes = free_gpu_bytes() if engine.device.type == "cuda" else 0
         self.encode_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self._identity_pool = ThreadPoolExecutor(1, thread_name_prefix="identity")
@@ -147,20 +149,29 @@ class Worker:
         )
 
     @classmethod
-    def start(cls, settings: Settings) -> "Worker":
-        """Load the models (real weights from MODEL_DIR, else the demo model) before any job."""
+    def start(cls, settings: Settings, startup: StartupTimer | None = None) -> "Worker":
+        """Load the models (real weights from MODEL_DIR, else the demo model) before any job,
+        timing each phase into `startup` (capabilities' `startup_ms`)."""
+        startup = startup or StartupTimer()
         device = pick_device(settings.device)
-        model_dir = settings.model_dir or ensure_demo_model(settings.demo_model_dir)
         plan = AccelerationPlan.from_settings(settings, device)
-        engine = ZImageEngine.load(model_dir, device, settings.prompt_cache_size, plan)
-        consistent, reason = cls._load_consistent(settings, device)
+        with startup.phase("load z-image"):
+            model_dir = settings.model_dir or ensure_demo_model(settings.demo_model_dir)
+            engine = ZImageEngine.load(model_dir, device, settings.prompt_cache_size)
+        with startup.phase("acceleration"):
+            engine.acceleration = accelerate(engine, plan)
+        with startup.phase("load pulid-flux"):
+            consistent, reason = cls._load_consistent(settings, device)
         spec = BatchSpec(WARMUP_SIZE, WARMUP_SIZE, 2, 0.0, "z-image-simple")
         if plan.text_encoder == "auto":  # every model is on the GPU now: what is left decides
             place_text_encoder(engine, engine.acceleration, free_gpu_bytes(), activation_bytes(spec))
         worker = cls(settings, engine, consistent, reason)
         if plan.warmup:  # compile now, at the default size, not in a job
-            engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE, worker.max_batch_for(spec))
-            save_compile_cache(plan.compile_cache_dir if engine.acceleration.compiled else None)
+            with startup.phase("warm-up"):
+                engine.acceleration.warmup_ms = warm_up(engine, WARMUP_SIZE, WARMUP_SIZE, worker.max_batch_for(spec))
+                save_compile_cache(plan.compile_cache_dir if engine.acceleration.compiled else None)
+        worker.startup = startup
+        log.info("startup: %s", startup.summary())
         return worker
 
     @staticmethod
@@ -497,6 +508,7 @@ class Worker:
             "gpu": torch.cuda.get_device_name(0) if self.engine.device.type == "cuda" else None,
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "load_seconds": round(self.engine.load_seconds, 3),
+            "startup_ms": self.startup.as_dict(),
             "acceleration": dataclasses.asdict(self.engine.acceleration),
             "versions": {
                 "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
