@@ -221,6 +221,8 @@ def _listing(spec: SourceSpec, source: Source, commit: str) -> tuple[FileSpec, .
     files = sorted((f for f in source.list_files(spec.repo, commit) if spec.wants(f.path)), key=lambda f: f.path)
     if not files:
         raise ManifestError(f"{spec.repo}@{commit}: no file matches {list(spec.include)}")
+    if escaping := [f.path for f in files if ".." in Path(f.path).parts or Path(f.path).is_absolute()]:
+        raise ManifestError(f"{spec.repo}@{commit}: a listed path leaves the model folder: {', '.join(escaping)}")
     return tuple(files)
 
 

@@ -5,7 +5,9 @@
 
 Builds the demo model (models/z_image_demo.py) into a temp folder, copies it and converts the copy
 to bf16, then loads each folder alternately with the worker's loader (`ZImageEngine.load`, float32
-on CPU: bf16 files are upcast) and, to see the weights alone, the transformer by itself. With
+on CPU: bf16 files are upcast) and, to see the weights alone, the transformer by itself, in float32
+(the CPU path) and in bf16 (the dtype the CUDA path loads: a cast from fp32 files, none from bf16
+files). With
 --dim/--layers the demo's transformer is replaced by a wider random one of the same class, so that
 the weight bytes, not the fixed costs, dominate. Files are in the page cache after the first load:
 this measures read + cast, not a cold disk. Prints sizes, the median load of each and the ratio,
@@ -91,15 +93,17 @@ def main(argv: list[str]) -> int:
         for name, folder in folders.items():
             print(f"{name}: transformer {weight_bytes(folder / 'transformer'):,} bytes")
 
-        loads: dict[str, dict[str, list[float]]] = {n: {"pipeline": [], "transformer": []} for n in folders}
+        kinds = {"pipeline": None, "transformer as float32": torch.float32, "transformer as bf16": torch.bfloat16}
+        loads: dict[str, dict[str, list[float]]] = {n: {kind: [] for kind in kinds} for n in folders}
         for name, folder in folders.items():  # one unrecorded pass: page cache, lazy imports
             ZImageEngine.load(folder, "cpu")
         for _ in range(args.repeats):
             for name, folder in folders.items():
                 loads[name]["pipeline"].append(timed(lambda f=folder: ZImageEngine.load(f, "cpu")))
-                loads[name]["transformer"].append(timed(lambda f=folder: ZImageTransformer2DModel.from_pretrained(
-                    f / "transformer", torch_dtype=torch.float32)))
-        for what in ("pipeline", "transformer"):
+                for kind, dtype in list(kinds.items())[1:]:
+                    loads[name][kind].append(timed(lambda f=folder, d=dtype: ZImageTransformer2DModel.from_pretrained(
+                        f / "transformer", torch_dtype=d)))
+        for what in kinds:
             medians = {n: statistics.median(loads[n][what]) for n in folders}
             print(f"{what} load, median of {args.repeats}: fp32 {medians['fp32']:.0f} ms, bf16 {medians['bf16']:.0f} ms, "
                   f"fp32/bf16 = {medians['fp32'] / medians['bf16']:.2f}")

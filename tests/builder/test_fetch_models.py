@@ -394,3 +394,13 @@ def test_a_release_asset_needs_a_sha256_to_count_as_pinned(tmp_path: Path) -> No
         "target_dir": "facexlib", "include": ["*.pth"], "files": [{"path": "p.pth", "size": 4, "git_sha1": "a" * 40}]})
     path.write_text(json.dumps(document))
     assert "sha256" in load_manifest(path).model("pulid-flux").sources[-1].problems()[0]
+
+
+def test_a_hub_listing_a_path_outside_the_model_folder_is_refused_before_any_download(
+    tmp_path: Path, hub: LoopbackHub
+) -> None:
+    manifest = load_manifest(write_manifest(tmp_path / "m.json", files=False))
+    HubHandler.files["acme/turbo"]["transformer/../../../etc/evil.safetensors"] = b"x"
+    with pytest.raises(ManifestError, match="leaves the model folder"):
+        fetch_models(manifest, tmp_path / "models", hub)
+    assert hub.downloads == [] and not (tmp_path / "etc").exists()
