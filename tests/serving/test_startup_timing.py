@@ -55,3 +55,11 @@ def test_a_started_worker_reports_its_phases_in_capabilities() -> None:
     startup = worker.capabilities()["startup_ms"]
     assert list(startup) == ["imports", "load z-image", "acceleration", "load pulid-flux", "total"]
     assert startup["load z-image"] > 0 and startup["total"] == pytest.approx(sum(list(startup.values())[:-1]), abs=0.2)
+
+
+def test_the_handler_reports_its_imports_first_and_every_model_load(handler_module) -> None:
+    from tests.conftest import run_job
+
+    startup = run_job(handler_module, {"action": "capabilities"})["startup_ms"]
+    assert list(startup)[:2] == ["imports", "load z-image"] and list(startup)[-1] == "total"
+    assert "load pulid-flux" in startup and startup["imports"] > 0
