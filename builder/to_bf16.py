@@ -39,7 +39,7 @@ SINGLE_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 SHARD_NAME = "diffusion_pytorch_model-bf16-{:05d}-of-{:05d}.safetensors"
 WEIGHT_GLOB = "diffusion_pytorch_model*.safetensors"
-MAX_SHARD_BYTES = 5 * 10**9  # the build holds one shard in memory while writing it
+MAX_SHARD_BYTES = 2 * 10**9  # the build holds one shard in memory while writing it: ~1 GB + this at peak
 FP32 = "F32"  # safetensors' dtype name
 ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 
