@@ -24,7 +24,9 @@ COPY requirements.txt .
 # nvidia-cudnn-cu13). PyTorch publishes no CUDA 12.8 build of 2.12 or later.
 RUN pip install -r requirements.txt
 
-# Weights before the code, so a code change does not download them again.
+# Weights before the code, so a code change does not download them again. Z-Image-Turbo is pinned
+# at a commit and verified against the hub's hashes for it; its fp32 transformer is then stored in
+# bf16 (what the worker serves on CUDA) in the same step, so no layer ever holds the fp32 bytes.
 ARG WITH_PULID=0
 ARG ALLOW_UNPINNED=0
 COPY builder/ builder/
@@ -32,7 +34,8 @@ RUN --mount=type=secret,id=hf_token,required=false \
     HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
     python builder/fetch_models.py --target /models \
         $([ "$WITH_PULID" = 1 ] && echo --with-pulid) \
-        $([ "$ALLOW_UNPINNED" = 1 ] && echo --allow-unpinned)
+        $([ "$ALLOW_UNPINNED" = 1 ] && echo --allow-unpinned) \
+    && python builder/to_bf16.py /models/z-image-turbo
 
 COPY . .
 

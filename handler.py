@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
+import time  # noqa: E402
+
+IMPORTS_STARTED = time.perf_counter()
+
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
@@ -29,12 +33,16 @@ import runpod.serverless  # noqa: E402
 
 from serving.local_run import run_local_job  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
+from serving.startup_timing import StartupTimer  # noqa: E402
 from serving.worker import Worker  # noqa: E402
+
+STARTUP = StartupTimer()
+STARTUP.record("imports", (time.perf_counter() - IMPORTS_STARTED) * 1000)
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 SDK_PROGRESS_MODULE = "runpod.serverless.modules.rp_progress"
-WORKER = Worker.start(load_settings())
+WORKER = Worker.start(load_settings(), STARTUP)
 CONFIG: dict[str, Any] = {}
 
 

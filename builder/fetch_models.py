@@ -4,9 +4,11 @@
     python builder/fetch_models.py --target /tmp/models --pin [--with-pulid]   # a maintainer, once
 
 Files land at {target}/{model dir}/{source target_dir}/{repo path} (docs/CONSISTENT_MODE.md has
-the PuLID bundle layout), each verified by size and sha256; a file already there and verified is
-not downloaded again, so a rebuild with a warm cache (or a rerun after a failure) is cheap.
-Each model folder gets `model_info.json` ({"id", "revision"}): the worker reports what it serves.
+the PuLID bundle layout), each verified by size and hash: the manifest's, or for a hub source pinned
+by commit alone, what the hub reports for that commit (LFS sha256, git blob sha1 for small files).
+A file already there and verified is not downloaded again, so a rerun after a failure is cheap.
+Each model folder gets `model_info.json` ({"id", "revision", "sources", "files"}): the worker
+reports what it serves, and the image records every file's size and hash.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ class Source(Protocol):
     def resolve(self, repo: str, revision: str) -> str:
         """The 40-hex commit a branch, tag or commit names."""
 
-    def list_files(self, repo: str, commit: str) -> list[str]:
-        """Every file path of the repo at that commit."""
+    def list_files(self, repo: str, commit: str) -> list[FileSpec]:
+        """Every file of the repo at that commit, with the size and hash the source vouches for
+        (none where it has none: a release asset is measured when pinned)."""
 
     def download(self, repo: str, commit: str, path: str, dest_dir: Path) -> Path:
         """Fetch one file to dest_dir/path and return where it is."""
@@ -65,22 +68,36 @@ class Source(Protocol):
 class HubSource:
     """The Hugging Face Hub; HF_TOKEN (a build secret) opens gated repos such as FLUX.1-dev."""
 
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
         from huggingface_hub import HfApi
 
         self.token = token or os.environ.get("HF_TOKEN") or None
-        self.api = HfApi(token=self.token)
+        self.endpoint = endpoint  # None: HF_ENDPOINT, else huggingface.co
+        self.api = HfApi(endpoint=endpoint, token=self.token)
 
     def resolve(self, repo: str, revision: str) -> str:
         return self.api.model_info(repo, revision=revision).sha
 
-    def list_files(self, repo: str, commit: str) -> list[str]:
-        return self.api.list_repo_files(repo, revision=commit)
+    def list_files(self, repo: str, commit: str) -> list[FileSpec]:
+        info = self.api.model_info(repo, revision=commit, files_metadata=True)
+        if info.sha != commit:
+            raise ManifestError(f"{repo}: the hub answered commit {info.sha} for {commit}")
+        return [hub_file_spec(sibling) for sibling in info.siblings or []]
 
     def download(self, repo: str, commit: str, path: str, dest_dir: Path) -> Path:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(repo, path, revision=commit, local_dir=dest_dir, token=self.token))
+        return Path(
+            hf_hub_download(repo, path, revision=commit, local_dir=dest_dir, token=self.token, endpoint=self.endpoint)
+        )
+
+
+def hub_file_spec(sibling) -> FileSpec:
+    """A file of a hub commit as the hub describes it (`model_info(files_metadata=True)`): an LFS
+    file by its LFS size and sha256, a small file by its size and git blob id."""
+    if sibling.lfs is not None:
+        return FileSpec(sibling.rfilename, sibling.lfs.size, sibling.lfs.sha256)
+    return FileSpec(sibling.rfilename, sibling.size, git_sha1=sibling.blob_id)
 
 
 class ReleaseSource:
@@ -93,10 +110,10 @@ class ReleaseSource:
     def resolve(self, repo: str, revision: str) -> str:
         return revision
 
-    def list_files(self, repo: str, commit: str) -> list[str]:
+    def list_files(self, repo: str, commit: str) -> list[FileSpec]:
         url = f"{self.api}/repos/{repo.removeprefix(RELEASE_PREFIX)}/releases/tags/{commit}"
         with urllib.request.urlopen(url, timeout=self.timeout) as response:
-            return [asset["name"] for asset in json.load(response)["assets"]]
+            return [FileSpec(asset["name"]) for asset in json.load(response)["assets"]]
 
     def download(self, repo: str, commit: str, path: str, dest_dir: Path) -> Path:
         url = f"{self.web}/{repo.removeprefix(RELEASE_PREFIX)}/releases/download/{commit}/{path}"
@@ -119,7 +136,7 @@ class BuildSource:
     def resolve(self, repo: str, revision: str) -> str:
         return self._for(repo).resolve(repo, revision)
 
-    def list_files(self, repo: str, commit: str) -> list[str]:
+    def list_files(self, repo: str, commit: str) -> list[FileSpec]:
         return self._for(repo).list_files(repo, commit)
 
     def download(self, repo: str, commit: str, path: str, dest_dir: Path) -> Path:
@@ -156,10 +173,11 @@ def fetch_models(
 ) -> FetchReport:
     """Place and verify every file of the named models under `target`; write model_info.json.
 
-    Pinned sources are taken as the manifest says. Unpinned ones (allowed, or `pin`) are resolved
-    at the source: the revision to a commit (the placeholder means main), the file list from the
-    `include` patterns; their files are always downloaded (nothing to verify a kept copy against)
-    and measured into `report.pins`.
+    Pinned sources are taken as the manifest says; one pinned by commit alone takes its files,
+    with their sizes and hashes, from the source at that commit. Unpinned ones (allowed, or `pin`)
+    are resolved at the source: the revision to a commit (the placeholder means main), the files
+    from the `include` patterns; files without a hash (release assets) are always downloaded and
+    measured. Unpinned or `pin` sources land in `report.pins`.
     """
     if not (allow_unpinned or pin):
         check_pinned(manifest, names)
@@ -169,14 +187,15 @@ def fetch_models(
         for name in names:
             model = manifest.model(name)
             model_dir = target / model.dir
-            commits = {}
+            commits, files = {}, []
             for index, spec in enumerate(model.sources):
-                resolved = spec if spec.pinned and not pin else _resolve(spec, source)
+                resolved = _resolve(spec, source, pin)
                 commits[spec.repo] = resolved.revision
                 measured = [_place(resolved, f, model_dir, staging, source, report) for f in resolved.files]
-                if not resolved.pinned or pin:
+                files += [{"repo": spec.repo, **f.as_json(), "path": resolved.target(f)} for f in measured]
+                if not spec.pinned or pin:
                     report.pins[(name, index)] = pinned_copy(spec, resolved.revision, measured)
-            info = {"id": model.id, "revision": commits[model.sources[0].repo], "sources": commits}
+            info = {"id": model.id, "revision": commits[model.sources[0].repo], "sources": commits, "files": files}
             (model_dir / MODEL_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
             log.info("%s ready in %s (%s@%s)", name, model_dir, info["id"], info["revision"])
     finally:
@@ -184,26 +203,41 @@ def fetch_models(
     return report
 
 
-def _resolve(spec: SourceSpec, source: Source) -> SourceSpec:
-    """The source at its current commit with the repo files its patterns select (sizes unknown)."""
+def _resolve(spec: SourceSpec, source: Source, pin: bool) -> SourceSpec:
+    """The source with a commit and a file list: as pinned, or listed at the source."""
+    if spec.pinned and not pin:
+        if spec.files:
+            return spec
+        files = _listing(spec, source, spec.revision)
+        if unhashed := [f.path for f in files if not f.pinned]:
+            raise ManifestError(f"{spec.repo}@{spec.revision}: the source reports no size/hash for {', '.join(unhashed)}")
+        return replace(spec, files=files)
     commit = source.resolve(spec.repo, "main" if spec.revision == UNPINNED else spec.revision)
-    paths = sorted(p for p in source.list_files(spec.repo, commit) if spec.wants(p))
-    if not paths:
+    return replace(spec, revision=commit, files=_listing(spec, source, commit))
+
+
+def _listing(spec: SourceSpec, source: Source, commit: str) -> tuple[FileSpec, ...]:
+    """The repo files at `commit` that the source's `include` patterns select."""
+    files = sorted((f for f in source.list_files(spec.repo, commit) if spec.wants(f.path)), key=lambda f: f.path)
+    if not files:
         raise ManifestError(f"{spec.repo}@{commit}: no file matches {list(spec.include)}")
-    return replace(spec, revision=commit, files=tuple(FileSpec(p) for p in paths))
+    if escaping := [f.path for f in files if ".." in Path(f.path).parts or Path(f.path).is_absolute()]:
+        raise ManifestError(f"{spec.repo}@{commit}: a listed path leaves the model folder: {', '.join(escaping)}")
+    return tuple(files)
 
 
 def _place(
     spec: SourceSpec, file: FileSpec, model_dir: Path, staging: Path, source: Source, report: FetchReport
-) -> tuple[str, int, str]:
-    """Make model_dir/target hold the file's verified bytes; return (path, size, sha256)."""
+) -> FileSpec:
+    """Make model_dir/target hold the file's verified bytes; return it with its size and hash
+    (measured where the source gave none)."""
     dest = model_dir / spec.target(file)
     label = f"{spec.repo}/{file.path}"
     if file.pinned:
         try:
             verify_file(dest, file)
             report.kept.append(label)
-            return file.path, file.size, file.sha256
+            return file
         except VerificationError:
             pass  # absent or stale: download it again
     log.info("downloading %s@%s -> %s", label, spec.revision[:12], dest)
@@ -213,8 +247,7 @@ def _place(
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(downloaded, dest)  # only verified, complete files reach the model folder
     report.fetched.append(label)
-    size, sha256 = (file.size, file.sha256) if file.pinned else file_digest(dest)
-    return file.path, size, sha256
+    return file if file.pinned else FileSpec(file.path, *file_digest(dest))
 
 
 def pin_manifest(manifest: Manifest, report: FetchReport) -> Manifest:

@@ -1,7 +1,10 @@
 """The weights manifest (builder/manifest.json): what the image holds, pinned to commits and hashes.
 
-Pinning is what makes an image reproducible: a revision is a 40-hex commit (a branch moves), and
-every file carries the size and sha256 it had when a maintainer pinned it, so a build that gets
+Pinning is what makes an image reproducible: a hub revision is a 40-hex commit (a branch moves).
+A commit is content-addressed, so the sizes and hashes the hub reports for it (sha256 for LFS
+files, the git blob sha1 for small ones) are as fixed as the commit: a source pinned by commit
+alone is verified against them at build time. A GitHub release tag is not content-addressed, so
+its files carry the sha256 measured when a maintainer pinned it. Either way a build that gets
 different bytes fails instead of serving another model under the same name.
 """
 
@@ -19,13 +22,14 @@ MODEL_INFO_FILE = "model_info.json"  # read by pipelines.z_image.read_model_iden
 UNPINNED = "UNPINNED-run-builder/fetch_models.py--pin"
 PIN_HELP = (
     "To pin: python builder/fetch_models.py --pin --target /tmp/models [--with-pulid]\n"
-    "  (resolves each revision to its current commit, downloads, writes sizes and sha256 into "
-    "builder/manifest.json; review and commit it).\n"
+    "  (resolves each revision to its current commit, downloads, writes the commit and each file's "
+    "size and hash into builder/manifest.json; review and commit it).\n"
     "To build anyway from the repos' current main, unverified: add --allow-unpinned "
     "(docker: --build-arg ALLOW_UNPINNED=1)."
 )
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHA1 = _COMMIT
 _CHUNK = 8 * 2**20
 
 
@@ -39,15 +43,29 @@ class VerificationError(RuntimeError):
 
 @dataclass(frozen=True)
 class FileSpec:
-    """One file of a repo: its path there and, once pinned, its size and sha256."""
+    """One file of a repo: its path there and, once pinned, its size and either its sha256 (LFS
+    files, release assets) or its git blob sha1 (the hub's small non-LFS files have only that)."""
 
     path: str
     size: int | None = None
     sha256: str | None = None
+    git_sha1: str | None = None
 
     @property
     def pinned(self) -> bool:
-        return isinstance(self.size, int) and self.sha256 is not None and bool(_SHA256.fullmatch(self.sha256))
+        hashed = bool(self.sha256 and _SHA256.fullmatch(self.sha256)) or bool(
+            self.git_sha1 and _SHA1.fullmatch(self.git_sha1)
+        )
+        return isinstance(self.size, int) and hashed
+
+    def as_json(self) -> dict:
+        """The manifest's (and model_info.json's) form: only the hash this file has."""
+        document: dict = {"path": self.path, "size": self.size}
+        if self.git_sha1 and not self.sha256:
+            document["git_sha1"] = self.git_sha1
+        else:
+            document["sha256"] = self.sha256
+        return document
 
 
 RELEASE_PREFIX = "github.com/"
@@ -61,7 +79,8 @@ def is_release(repo: str) -> bool:
 @dataclass(frozen=True)
 class SourceSpec:
     """Files of one hub repo at one revision, placed under `target_dir` of the model's folder.
-    `include` (glob patterns) says which repo files `--pin` lists; `files` is the pinned list.
+    `include` (glob patterns) selects the repo files; `files`, when listed, pins them. A hub source
+    pinned by commit with no `files` takes them, with sizes and hashes, from the hub at build time.
 
     A repo named `github.com/{owner}/{name}` is a GitHub release instead: `revision` is its tag,
     `include` names the assets, and the assets' sha256 pin it (a tag is not a commit)."""
@@ -94,10 +113,12 @@ class SourceSpec:
             found.append(f"{self.repo}: no release tag")
         elif not self.release and not _COMMIT.fullmatch(self.revision):
             found.append(f"{self.repo}: revision {self.revision!r} is not a 40-hex commit")
-        if not self.files:
+        if self.release and not self.files:
             found.append(f"{self.repo}: no file list")
+        elif self.release and (unhashed := [f.path for f in self.files if not f.sha256]):
+            found.append(f"{self.repo}: no sha256 for {', '.join(unhashed)} (a release tag can move)")
         elif unpinned := [f.path for f in self.files if not f.pinned]:
-            found.append(f"{self.repo}: no size/sha256 for {', '.join(unpinned)}")
+            found.append(f"{self.repo}: no size/hash for {', '.join(unpinned)}")
         return found
 
 
@@ -152,7 +173,7 @@ def _source(entry: dict) -> SourceSpec:
         revision=entry["revision"],
         target_dir=entry.get("target_dir", ""),
         include=tuple(entry["include"]),
-        files=tuple(FileSpec(f["path"], f.get("size"), f.get("sha256")) for f in entry.get("files", [])),
+        files=tuple(FileSpec(f["path"], f.get("size"), f.get("sha256"), f.get("git_sha1")) for f in entry.get("files", [])),
     )
 
 
@@ -170,7 +191,7 @@ def save_manifest(manifest: Manifest, path: Path = MANIFEST_PATH) -> None:
                         "revision": s.revision,
                         "target_dir": s.target_dir,
                         "include": list(s.include),
-                        "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in s.files],
+                        "files": [f.as_json() for f in s.files],
                     }
                     for s in model.sources
                 ],
@@ -192,18 +213,33 @@ def file_digest(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def git_blob_sha1(path: Path) -> str:
+    """The id git (and so the hub) gives a file's bytes: sha1 of `blob <size>\\0` + the bytes."""
+    digest = hashlib.sha1(f"blob {Path(path).stat().st_size}\0".encode())
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def verify_file(path: Path, expected: FileSpec) -> None:
-    """Raise VerificationError naming the file unless its size and sha256 are the pinned ones."""
+    """Raise VerificationError naming the file unless its size and hash (sha256, else the git blob
+    sha1) are the pinned ones."""
     if not path.is_file():
         raise VerificationError(f"{path}: missing (expected {expected.size} bytes)")
     size = path.stat().st_size
     if size != expected.size:
         raise VerificationError(f"{path}: size mismatch: expected {expected.size} bytes, got {size}")
-    _, sha256 = file_digest(path)
-    if sha256 != expected.sha256:
-        raise VerificationError(f"{path}: sha256 mismatch: expected {expected.sha256}, got {sha256}")
+    if expected.sha256:
+        kind, want, got = "sha256", expected.sha256, file_digest(path)[1]
+    elif expected.git_sha1:
+        kind, want, got = "git blob sha1", expected.git_sha1, git_blob_sha1(path)
+    else:
+        raise VerificationError(f"{path}: no hash to verify against")
+    if got != want:
+        raise VerificationError(f"{path}: {kind} mismatch: expected {want}, got {got}")
 
 
-def pinned_copy(source: SourceSpec, commit: str, files: list[tuple[str, int, str]]) -> SourceSpec:
-    """The source pinned to `commit` with the measured (path, size, sha256) of its files."""
-    return replace(source, revision=commit, files=tuple(FileSpec(p, s, h) for p, s, h in sorted(files)))
+def pinned_copy(source: SourceSpec, commit: str, files: list[FileSpec]) -> SourceSpec:
+    """The source pinned to `commit` with the measured or hub-reported sizes and hashes of its files."""
+    return replace(source, revision=commit, files=tuple(sorted(files, key=lambda f: f.path)))

@@ -40,6 +40,7 @@ from serving.schema import (
 )
 from serving.settings import Settings
 from serving.startup import acceleration_plan
+from serving.startup_timing import StartupTimer
 from serving.storage import ImageStore, StorageConfigError, storage_config_from_job
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Worker:
         self.consistent_reason = consistent_reason
         self.needs_refresh = False
         self.progress_sink: ProgressSink = lambda job, payload: None
+        self.startup = StartupTimer()
         self._free_bytes = free_gpu_bytes() if engine.device.type == "cuda" else 0
         self.encode_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self._identity_pool = ThreadPoolExecutor(1, thread_name_prefix="identity")
@@ -105,17 +107,24 @@ class Worker:
         )
 
     @classmethod
-    def start(cls, settings: Settings) -> "Worker":
-        """Load the models (real weights from MODEL_DIR, else the demo model) before any job."""
+    def start(cls, settings: Settings, startup: StartupTimer | None = None) -> "Worker":
+        """Load the models (real weights from MODEL_DIR, else the demo model) before any job,
+        timing each phase into `startup` (capabilities' `startup_ms`)."""
+        startup = startup or StartupTimer()
         device = pick_device(settings.device)
+        with startup.phase("load pulid-flux"):  # first: Z-Image places its text encoder by the memory left
+            consistent, reason = cls._load_consistent(settings, device)
         model_dir = settings.model_dir or ensure_demo_model(settings.demo_model_dir)
-        # PuLID first: Z-Image's start-up places its text encoder by the GPU memory left after both.
-        consistent, reason = cls._load_consistent(settings, device)
         engine = prepare_engine(
             model_dir, device, acceleration_plan(settings, device), prompt_cache_size=settings.prompt_cache_size,
             max_batch=lambda loaded: batch_limit(settings, loaded, BatchSpec(1024, 1024, 2, 0.0, "z-image-simple")),
         )
-        return cls(settings, engine, consistent, reason)
+        for phase, ms in engine.startup_ms.items():
+            startup.record(f"z-image {phase}", ms)
+        worker = cls(settings, engine, consistent, reason)
+        worker.startup = startup
+        log.info("startup: %s", startup.summary())
+        return worker
 
     @staticmethod
     def _load_consistent(settings: Settings, device: str) -> tuple[PuLIDFluxPipeline | None, str | None]:
@@ -420,6 +429,7 @@ class Worker:
             "gpu": torch.cuda.get_device_name(0) if self.engine.device.type == "cuda" else None,
             "dtype": str(self.engine.dtype).removeprefix("torch."),
             "load_seconds": round(self.engine.load_seconds, 3),
+            "startup_ms": self.startup.as_dict(),
             "acceleration": dataclasses.asdict(self.engine.acceleration),
             "versions": {
                 "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,

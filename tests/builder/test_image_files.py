@@ -53,6 +53,8 @@ def test_the_image_installs_the_pinned_torch_for_the_cuda_its_base_and_hosts_hav
 def test_weights_are_fetched_before_the_worker_goes_offline() -> None:
     fetch = INSTRUCTIONS[position("builder/fetch_models.py")]
     assert "--target /models" in fetch and "--mount=type=secret,id=hf_token" in fetch
+    # bf16 in the same RUN: a later layer can't shrink an earlier one, so the fp32 shards never land in one
+    assert fetch.endswith(f"&& python builder/to_bf16.py {dockerfile_env()['MODEL_DIR']}")
     assert position("builder/fetch_models.py") < position("HF_HUB_OFFLINE=1")
     assert position("COPY builder/") < position("builder/fetch_models.py") < position("COPY . .")
 
@@ -98,3 +100,102 @@ def test_hub_smoke_test_env_loads() -> None:
     env = {item["key"]: item["value"] for item in config["env"]}
     assert config["gpuCount"] == 1
     load_settings({**dockerfile_env(), **env})
+
+
+# -- RunPod Hub listing: the field rules of RunPod's Hub publishing guide ---------------------------
+# (docs.runpod.io/hub/publishing-guide: hub.json and tests.json references; GPU pools and IDs from
+# docs.runpod.io/references/gpu-types). A listing that breaks one is refused or fails on submission.
+CATEGORIES = {"audio", "embedding", "language", "video", "image"}
+INPUT_TYPES = {"string", "number", "boolean", "huggingface"}
+GPU_POOLS_GB = {"AMPERE_16": 16, "AMPERE_24": 24, "ADA_24": 24, "AMPERE_48": 48, "ADA_48_PRO": 48, "AMPERE_80": 80,
+                "ADA_80_PRO": 80, "HOPPER_141": 141}
+GPU_IDS_GB = {"NVIDIA L40S": 48, "NVIDIA L40": 48, "NVIDIA RTX 6000 Ada Generation": 48, "NVIDIA RTX A6000": 48,
+              "NVIDIA A40": 48, "NVIDIA A100 80GB PCIe": 80, "NVIDIA A100-SXM4-80GB": 80, "NVIDIA H100 80GB HBM3": 80,
+              "NVIDIA H100 PCIe": 80, "NVIDIA H100 NVL": 94, "NVIDIA H200": 141, "NVIDIA GeForce RTX 4090": 24,
+              "NVIDIA GeForce RTX 5090": 32}
+# Measured memory (REFERENCE.md): weights 20.9 GiB in bf16, peak 24.5 GB for one 1024² image. A
+# 24 GB card can't hold it; 32 GB leaves no room for a batch. So: 48 GB and up.
+PEAK_GB, MIN_GPU_GB = 24.5, 48
+# Image size by arithmetic from the hub's file sizes at the pinned commit (REFERENCE.md): transformer
+# 24.6 GB fp32 -> 12.3 GB bf16 after builder/to_bf16.py, text encoder 8.0 GB (bf16 as published),
+# VAE 0.17 GB; torch 2.13 with its CUDA 13 wheels, the other requirements and the OS base ~8 GB.
+IMAGE_GB = 24.6 / 2 + 8.0 + 0.17 + 8
+HUB = json.loads((ROOT / ".runpod/hub.json").read_text())
+TESTS = json.loads((ROOT / ".runpod/tests.json").read_text())
+
+
+def check_input(key: str, spec: dict) -> None:
+    """One env input as the guide describes the five input kinds."""
+    assert {"name", "type", "description"} <= spec.keys(), key
+    assert spec["type"] in INPUT_TYPES, key
+    if "options" in spec:
+        assert spec["type"] == "string" and spec["options"], key
+        assert all(set(o) == {"label", "value"} and isinstance(o["value"], str) for o in spec["options"]), key
+        assert spec["default"] in [o["value"] for o in spec["options"]], key
+    if spec["type"] == "number":
+        assert isinstance(spec["default"], int | float), key
+        assert spec.get("min", spec["default"]) <= spec["default"] <= spec.get("max", spec["default"]), key
+    if spec["type"] == "boolean":
+        assert isinstance(spec["default"], bool) and {"trueValue", "falseValue"} <= spec.keys(), key
+    if spec["type"] == "string" and "options" not in spec:
+        assert isinstance(spec["default"], str), key
+
+
+def test_hub_json_has_the_required_fields_with_documented_values() -> None:
+    assert {"title", "description", "type", "category", "config"} <= HUB.keys()
+    assert isinstance(HUB["title"], str) and HUB["title"] and isinstance(HUB["description"], str)
+    assert HUB["type"] == "serverless" and HUB["category"] in CATEGORIES
+    assert re.fullmatch(r"https://\S+", HUB["iconUrl"])
+    config = HUB["config"]
+    assert config["runsOn"] == "GPU" and "cpuFlavor" not in config
+    assert isinstance(config["containerDiskInGb"], int) and isinstance(config["gpuCount"], int)
+    assert isinstance(config["gpuIds"], str)
+    assert all(isinstance(v, str) for v in config["allowedCudaVersions"])
+    for item in config["env"]:
+        assert set(item) in ({"key", "value"}, {"key", "input"}), item
+        if "input" in item:
+            check_input(item["key"], item["input"])
+
+
+def test_hub_gpus_and_disk_fit_the_measured_memory_and_image() -> None:
+    config = HUB["config"]
+    pools = config["gpuIds"].split(",")
+    assert all(p in GPU_POOLS_GB for p in pools), pools  # pool IDs only: no GPU to negate below 48 GB
+    assert min(GPU_POOLS_GB[p] for p in pools) >= MIN_GPU_GB > PEAK_GB
+    assert config["gpuCount"] == 1  # one model per GPU; the worker batches, it does not shard
+    gpu = TESTS["config"]["gpuTypeId"]
+    assert GPU_IDS_GB[gpu] >= MIN_GPU_GB and TESTS["config"]["gpuCount"] == 1
+    # the image, the compile cache on the container disk, and a margin for logs and temp files
+    assert config["containerDiskInGb"] >= IMAGE_GB + 5
+
+
+def test_hub_number_inputs_bounds_are_accepted_by_the_worker() -> None:
+    for item in HUB["config"]["env"]:
+        spec = item.get("input", {})
+        for bound in ("min", "max"):
+            if bound in spec:
+                load_settings({**dockerfile_env(), item["key"]: str(spec[bound])})
+
+
+def test_hub_presets_switch_compile_and_fp8_with_values_the_inputs_offer() -> None:
+    inputs = {item["key"]: item["input"] for item in HUB["config"]["env"] if "input" in item}
+    presets = HUB["config"]["presets"]
+    assert all(set(p) == {"name", "defaults"} and p["name"] for p in presets)
+    for preset in presets:
+        for key, value in preset["defaults"].items():
+            assert key in inputs, key
+            if "options" in inputs[key]:
+                assert value in [o["value"] for o in inputs[key]["options"]], (preset["name"], key)
+        load_settings({**dockerfile_env(), **{k: str(v) for k, v in preset["defaults"].items()}})
+    switches = {(p["defaults"].get("COMPILE"), p["defaults"].get("FP8")) for p in presets}
+    assert {("0", "0"), ("1", "0"), ("1", "1")} <= switches  # quick start, compiled, compiled + FP8
+
+
+def test_tests_json_follows_the_documented_fields() -> None:
+    assert TESTS["tests"] and set(TESTS) == {"tests", "config"}
+    for test in TESTS["tests"]:
+        assert {"name", "input"} <= test.keys() <= {"name", "input", "timeout"}
+        assert isinstance(test["name"], str) and isinstance(test["input"], dict) and isinstance(test["timeout"], int)
+    config = TESTS["config"]
+    assert config.keys() <= {"gpuTypeId", "gpuCount", "cpuFlavor", "env", "allowedCudaVersions"}
+    assert all(set(item) == {"key", "value"} and isinstance(item["value"], str) for item in config["env"])
