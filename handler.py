@@ -42,18 +42,22 @@ STARTUP.record("imports", (time.perf_counter() - IMPORTS_STARTED) * 1000)
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 SDK_PROGRESS_MODULE = "runpod.serverless.modules.rp_progress"
-WORKER = Worker.start(load_settings(), STARTUP)
 CONFIG: dict[str, Any] = {}
+
+
+def request_fresh_worker() -> None:
+    """The GPU is broken for good (a CUDA error): the SDK stops this pod after the job and RunPod
+    starts a fresh one."""
+    CONFIG["refresh_worker"] = True
+
+
+WORKER = Worker.start(load_settings(), STARTUP, on_fatal=request_fresh_worker)
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """The RunPod handler: an async generator streaming one chunk per image, then a summary."""
-    try:
-        async for chunk in WORKER.run_job(job):
-            yield chunk
-    finally:
-        if WORKER.needs_refresh:
-            CONFIG["refresh_worker"] = True  # the SDK stops this pod after the job; RunPod starts a fresh one
+    async for chunk in WORKER.run_job(job):
+        yield chunk
 
 
 def report_progress(job: dict[str, Any], payload: dict[str, Any]) -> None:

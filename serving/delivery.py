@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from serving.errors import JobError
-from serving.outputs import CONTENT_TYPES, base64_entry
+from serving.outputs import CONTENT_TYPES, base64_entry, image_entry
 from serving.storage import ImageStore, StorageError
 
 # Lower bounds of encoded size per pixel for the up-front check (a job certain to overflow is
@@ -90,7 +90,6 @@ class Delivery:
     ) -> Delivered:
         key = (self.store.cache_key(cache_params, image_format) if self.use_cache
                else self.store.job_key(job_id, index, seed, image_format))
-        meta = {"index": index, "seed": seed, "width": width, "height": height, "format": image_format}
         try:
             stored = self.store.put(key, data, CONTENT_TYPES[image_format])
         except StorageError as err:
@@ -100,7 +99,7 @@ class Delivery:
                 return Delivered(fallback)
             return Delivered(error_code="upload_failed", error_message=f"upload failed after {err.attempts} attempt(s)"
                              " and the image does not fit inline")
-        return Delivered({**meta, "url": stored.url, "key": stored.key})
+        return Delivered(image_entry(index, seed, width, height, image_format, url=stored.url, key=stored.key))
 
     def _reserve(self, entry: dict[str, Any]) -> bool:
         size = len(json.dumps({"image": entry, "progress": {"completed": 16, "total": 16}}))

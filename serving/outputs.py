@@ -44,15 +44,14 @@ def image_error_chunk(entry: dict[str, Any], completed: int, total: int) -> dict
     return {"image_error": entry, "progress": {"completed": completed, "total": total}}
 
 
+def image_entry(index: int, seed: int, width: int, height: int, image_format: str, **payload: Any) -> dict[str, Any]:
+    """An image chunk's `image` object: what it is, then where it is (`base64`, or `url` and
+    `key`, and any delivery note)."""
+    return {"index": index, "seed": seed, "width": width, "height": height, "format": image_format, **payload}
+
+
 def base64_entry(index: int, seed: int, width: int, height: int, image_format: str, data: bytes) -> dict[str, Any]:
-    return {
-        "index": index,
-        "seed": seed,
-        "width": width,
-        "height": height,
-        "format": image_format,
-        "base64": base64.b64encode(data).decode("ascii"),
-    }
+    return image_entry(index, seed, width, height, image_format, base64=base64.b64encode(data).decode("ascii"))
 
 
 def merge_chunks(chunks: Iterable[dict[str, Any]]) -> dict[str, Any]:

@@ -169,7 +169,7 @@ def test_concurrent_consistent_jobs_share_a_batch_and_keep_their_seeds(patient):
 
 
 def test_an_unexpected_failure_while_planning_is_a_clean_error(handler_module, monkeypatch):
-    import serving.worker as worker_module
+    import serving.modes as worker_module
 
     def broken(value):
         raise RuntimeError("injected bug")

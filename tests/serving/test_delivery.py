@@ -306,7 +306,7 @@ def test_url_delivery_needs_a_store():
 
 
 def test_an_encode_or_delivery_crash_is_that_images_error_not_a_hung_job(worker, monkeypatch):
-    import serving.worker as worker_module
+    import serving.job_runner as worker_module
 
     real, calls, lock = worker_module.encode_image, [], threading.Lock()
 

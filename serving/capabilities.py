@@ -1,0 +1,60 @@
+"""`{"action": "capabilities"}`: what this worker can serve, read from the loaded engines, the
+settings and the input schema (limits are stated once, there)."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from typing import Any
+
+import diffusers
+import runpod
+import torch
+import transformers
+
+from pipelines.z_image import BatchSpec
+from serving.modes import Modes
+from serving.schema import (
+    ASPECT_RATIOS, MAX_GUIDANCE, MAX_ID_WEIGHT, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE,
+    SIZE_MULTIPLE,
+)
+from serving.settings import Settings
+from serving.startup_timing import StartupTimer
+from serving.storage import ImageStore
+
+
+def capabilities(settings: Settings, modes: Modes, store: ImageStore | None, startup: StartupTimer,
+                 max_batch_1024: int) -> dict[str, Any]:
+    engine = modes.fast.engine
+    identity = engine.identity
+    return {
+        "model": {"id": identity.id, "revision": identity.revision, "demo": identity.demo},
+        "workflows": modes.fast.workflows(),
+        "modes": modes.describe(),
+        "delivery": {"base64": True, "url": store is not None, "url_with_job_s3Config": True,
+                     "result_cache": bool(store and store.config.result_cache)},
+        "limits": {
+            "num_images": [1, MAX_IMAGES], "side": [MIN_SIDE, MAX_SIDE], "size_multiple": SIZE_MULTIPLE,
+            "max_pixels": settings.max_pixels, "steps": [1, MAX_STEPS], "guidance_scale": [0, MAX_GUIDANCE],
+            "prompt_chars": MAX_PROMPT_CHARS, "seed": [0, MAX_SEED], "aspect_ratios": list(ASPECT_RATIOS),
+            "output_formats": ["png", "webp", "jpeg"], "job_timeout_s": settings.job_timeout_s,
+            "id_weight": [0, MAX_ID_WEIGHT], "max_response_bytes": settings.max_response_bytes,
+        },
+        "batching": {"max_batch_1024": max_batch_1024, "wait_ms": settings.batch_wait_ms,
+                     "concurrency": settings.concurrency},
+        "device": str(engine.device),
+        "gpu": torch.cuda.get_device_name(0) if engine.device.type == "cuda" else None,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "load_seconds": round(engine.load_seconds, 3),
+        "startup_ms": startup.as_dict(),
+        "acceleration": dataclasses.asdict(engine.acceleration),
+        "versions": {
+            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "runpod": runpod.__version__,
+        },
+    }
+
+
+def max_batch_spec() -> BatchSpec:
+    """The spec capabilities' `max_batch_1024` is computed for: the default 1024², 8 steps, no CFG."""
+    return BatchSpec(1024, 1024, 8, 0.0, "z-image-simple")

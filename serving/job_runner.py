@@ -1,0 +1,157 @@
+"""One planned job, run: its images queued with the scheduler, each encoded and delivered as it
+leaves the GPU, streamed as a chunk, then a summary. Never raises for a job's sake: a failed image
+is an `image_error` chunk beside the images that worked, and a job out of time names each image
+it did not get."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from serving.batcher import Batcher, ImageOutcome
+from serving.delivery import Delivered
+from serving.outputs import encode_image, image_chunk, image_error_chunk
+from serving.planning import JobPlan, model_fields, spec_fields
+
+log = logging.getLogger(__name__)
+
+ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]
+STAGES = ("text_encoding", "denoising", "decoding", "image_encoding")
+
+
+@dataclass
+class JobTally:
+    """What the summary reports, counted as the images come."""
+
+    started: float = field(default_factory=time.perf_counter)
+    completed: int = 0
+    failed: int = 0
+    timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    batch_sizes: list[int] = field(default_factory=list)
+    batch_ids: set[int] = field(default_factory=set)
+    first_image_ms: float | None = None
+
+    def count_batch(self, outcome: ImageOutcome) -> None:
+        """A model call's timings, once per job however many of its images the call made."""
+        if outcome.timings_ms and outcome.batch_id not in self.batch_ids:
+            self.batch_ids.add(outcome.batch_id)
+            self.batch_sizes.append(outcome.batch_size)
+            for stage, ms in outcome.timings_ms.items():
+                self.timings_ms[stage] = self.timings_ms.get(stage, 0.0) + ms
+
+    def image_done(self) -> None:
+        self.completed += 1
+        if self.first_image_ms is None:
+            self.first_image_ms = (time.perf_counter() - self.started) * 1000
+
+    def final_timings(self) -> dict[str, float]:
+        timings = {stage: round(ms, 2) for stage, ms in self.timings_ms.items()}
+        timings["first_image"] = round(self.first_image_ms or 0.0, 2)
+        timings["total"] = round((time.perf_counter() - self.started) * 1000, 2)
+        return timings
+
+
+def _post_process(plan: JobPlan, job_id: str, outcome: ImageOutcome) -> tuple[ImageOutcome, Delivered | None, float]:
+    """Runs in the encode pool, while the GPU thread goes on with the next batch. Never raises: an
+    exception here would leave the image missing until JOB_TIMEOUT_S."""
+    if outcome.pixels is None:
+        return outcome, None, 0.0
+    request, spec = plan.request, plan.spec
+    begun = time.perf_counter()
+    try:
+        data = encode_image(outcome.pixels, request.output_format, request.output_quality)
+        encode_ms = (time.perf_counter() - begun) * 1000
+        delivered = plan.delivery.deliver(job_id, outcome.index, outcome.seed, spec.width, spec.height,
+                                          request.output_format, data, plan.cache_params(plan.items[outcome.index]))
+    except Exception as err:  # noqa: BLE001 - one image's failure, reported as that image's error
+        log.exception("job %s: encoding or delivering image %d failed", job_id, outcome.index)
+        delivered = Delivered(error_code="internal_error",
+                              error_message=f"{type(err).__name__} while encoding or delivering this image")
+        encode_ms = (time.perf_counter() - begun) * 1000
+    return outcome, delivered, encode_ms
+
+
+async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Batcher, encode_pool: ThreadPoolExecutor,
+                   progress: ProgressSink, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+    loop = asyncio.get_running_loop()
+    tally = JobTally()
+    total = len(plan.items)
+    finished: asyncio.Queue[tuple[ImageOutcome, Delivered | None, float]] = asyncio.Queue()
+
+    def on_outcome(outcome: ImageOutcome) -> None:  # the GPU thread
+        future = encode_pool.submit(_post_process, plan, job_id, outcome)
+        future.add_done_callback(lambda f: loop.call_soon_threadsafe(finished.put_nowait, f.result()))
+
+    progress(job, {"completed": 0, "total": total})
+    for index, entry in sorted(plan.cached_entries.items()):
+        tally.image_done()
+        yield image_chunk(entry, tally.completed, total)
+    to_run = [(i, item) for i, item in enumerate(plan.items) if i not in plan.cached_entries]
+    ticket = batcher.submit(job_id, plan.engine, plan.spec, to_run, on_outcome) if to_run else None
+    seen = set(plan.cached_entries)
+    deadline = tally.started + timeout_s
+    try:
+        while tally.completed + tally.failed < total:
+            try:
+                outcome, delivered, encode_ms = await asyncio.wait_for(finished.get(), deadline - time.perf_counter())
+            except asyncio.TimeoutError:
+                break
+            tally.count_batch(outcome)
+            tally.timings_ms["image_encoding"] += encode_ms
+            seen.add(outcome.index)
+            if delivered is not None and delivered.entry is not None:
+                tally.image_done()
+                yield image_chunk(delivered.entry, tally.completed + tally.failed, total)
+            else:
+                tally.failed += 1
+                source = delivered if delivered is not None else outcome
+                error = {"index": outcome.index, "seed": outcome.seed, "code": source.error_code,
+                         "message": source.error_message}
+                yield image_error_chunk(error, tally.completed + tally.failed, total)
+            progress(job, {"completed": tally.completed + tally.failed, "total": total})
+        for index in sorted(set(range(total)) - seen):  # out of time: name each missing image
+            tally.failed += 1
+            error = {"index": index, "seed": plan.items[index].seed, "code": "timeout",
+                     "message": f"not finished within JOB_TIMEOUT_S={timeout_s:g} s"}
+            yield image_error_chunk(error, tally.completed + tally.failed, total)
+    finally:
+        if ticket is not None:
+            batcher.cancel(ticket)  # a no-op when done; frees the GPU when the job was cancelled
+    timings = tally.final_timings()
+    log.info("job %s: %d/%d images in %.0f ms (batches %s, %d from cache)", job_id, tally.completed, total,
+             timings["total"], tally.batch_sizes, len(plan.cached_entries))
+    yield {"summary": summarize(plan, tally, timings)}
+
+
+def summarize(plan: JobPlan, tally: JobTally, timings: dict[str, float]) -> dict[str, Any]:
+    request, spec = plan.request, plan.spec
+    model = model_fields(plan.engine)
+    settings = {
+        "mode": plan.mode.name, **spec_fields(spec), "num_images": request.num_images, "seed": plan.seed,
+        "output_format": request.output_format, "output_quality": request.output_quality,
+        "delivery": plan.delivery.method,
+    }
+    summary = {
+        "mode": plan.mode.name,
+        "mode_requested": request.mode,
+        "workflow": spec.workflow,
+        "settings": settings,
+        "images_completed": tally.completed,
+        "images_failed": tally.failed,
+        "images_from_cache": len(plan.cached_entries),
+        "timings_ms": timings,
+        "batch_sizes": tally.batch_sizes,
+        "model": {"id": model["id"], "revision": model["revision"], "demo": model["demo"]},
+        **plan.mode.summary_notes,
+    }
+    if plan.delivery.switched_to_url:
+        summary["delivery_note"] = "base64 would pass the result limit: images were uploaded instead"
+    if plan.fallback_reason:
+        summary["fallback_reason"] = plan.fallback_reason
+    if model["demo"]:
+        summary["notice"] = "demo model with random weights: images are noise"
+    return summary

@@ -1,0 +1,132 @@
+"""Which engine serves a request, and the spec its images share.
+
+One class per mode, each turning a validated request into a `ModeChoice` (engine + spec), so
+planning, scheduling and streaming route by the choice and never ask which mode they serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.engine import Engine
+from pipelines.identity import IdentityError, MultipleFaces
+from pipelines.pulid_flux import PuLIDFluxPipeline, PuLIDSpec
+from pipelines.z_image import BatchSpec, ZImageEngine
+from serving.errors import JobError
+from serving.reference_image import load_reference_image
+from serving.schema import MODE_DEFAULTS, GenerateRequest
+from serving.settings import Settings
+
+REFERENCE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The mode that runs a job: its engine, the spec of its images, what the summary adds."""
+
+    name: str
+    engine: Engine
+    spec: Any
+    summary_notes: dict[str, Any] = field(default_factory=dict)
+
+
+def sampling_defaults(mode: str) -> dict[str, Any]:
+    steps, guidance_scale = MODE_DEFAULTS[mode]
+    return {"steps": steps, "guidance_scale": guidance_scale}
+
+
+class FastMode:
+    """Z-Image-Turbo: the simple (diffusers) or danrisi workflow."""
+
+    name = "fast"
+
+    def __init__(self, engine: ZImageEngine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+
+    def resolve_workflow(self, requested: str) -> str:
+        if requested == "auto":
+            danrisi = self.settings.auto_workflow == "z-image-danrisi" and self.settings.danrisi_enabled
+            return "z-image-danrisi" if danrisi else "z-image-simple"
+        if requested == "z-image-danrisi" and not self.settings.danrisi_enabled:
+            raise JobError("workflow_unavailable", "z-image-danrisi is disabled on this worker", field="workflow")
+        return requested
+
+    async def choose(self, request: GenerateRequest) -> ModeChoice:
+        spec = BatchSpec(request.width, request.height, *request.sampling("fast"), self.resolve_workflow(request.workflow))
+        return ModeChoice(self.name, self.engine, spec)
+
+    def workflows(self) -> list[dict[str, Any]]:
+        danrisi_reason = None if self.settings.danrisi_enabled else "disabled by DANRISI_ENABLED=0"
+        return [
+            {"name": "z-image-simple", "available": True, "reason": None},
+            {"name": "z-image-danrisi", "available": danrisi_reason is None, "reason": danrisi_reason},
+            {"name": "auto", "available": True, "reason": None, "resolves_to": self.resolve_workflow("auto")},
+        ]
+
+
+class ConsistentMode:
+    """PuLID-FLUX: the reference photo is fetched (its own pool: a slow host holds only its job)
+    and turned into id tokens (one identity thread) before the job's images are queued."""
+
+    name = "consistent"
+
+    def __init__(self, pipeline: PuLIDFluxPipeline | None, unavailable_reason: str | None, settings: Settings) -> None:
+        self.pipeline = pipeline
+        self.unavailable_reason = unavailable_reason
+        self.settings = settings
+        self._fetch_pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="reference")
+        self._identity_pool = ThreadPoolExecutor(1, thread_name_prefix="identity")
+
+    async def choose(self, request: GenerateRequest) -> ModeChoice:
+        loop = asyncio.get_running_loop()
+        try:
+            data, rgb = await asyncio.wait_for(
+                loop.run_in_executor(self._fetch_pool, load_reference_image, request.reference_image),
+                REFERENCE_TIMEOUT_S,
+            )
+            identity = await loop.run_in_executor(self._identity_pool, self.pipeline.compute_identity, rgb)
+        except asyncio.TimeoutError:
+            raise JobError("invalid_reference", "took too long to fetch or read", field="reference_image") from None
+        except IdentityError as err:
+            code = "multiple_faces" if isinstance(err, MultipleFaces) else "no_face"
+            rule = "has more than one face: crop it to one person" if code == "multiple_faces" else "has no face"
+            raise JobError(code, rule, field="reference_image") from None
+        steps, guidance_scale = request.sampling("consistent")
+        start = request.identity_start_step
+        if start is None:
+            start = min(self.settings.pulid_start_step, steps - 1)
+        spec = PuLIDSpec(request.width, request.height, steps, guidance_scale, hashlib.sha256(data).hexdigest(),
+                         request.id_weight, start, identity)
+        return ModeChoice(self.name, self.pipeline, spec, {"identity_cache_hit": identity.from_cache})
+
+
+class Modes:
+    """Both modes; `choose` applies the request's fallback when consistent mode is unavailable."""
+
+    def __init__(self, fast: FastMode, consistent: ConsistentMode) -> None:
+        self.fast = fast
+        self.consistent = consistent
+
+    async def choose(self, request: GenerateRequest) -> tuple[ModeChoice, str | None]:
+        """The choice, and why it is not the requested mode (None when it is)."""
+        if request.mode == "fast":
+            return await self.fast.choose(request), None
+        if self.consistent.pipeline is not None:
+            return await self.consistent.choose(request), None
+        reason = f"consistent mode is unavailable: {self.consistent.unavailable_reason}"
+        if request.fallback != "fast":
+            raise JobError("mode_unavailable", reason, field="mode")
+        return await self.fast.choose(request), reason
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Capabilities' `modes`."""
+        return [
+            {"name": "fast", "available": True, "reason": None, "defaults": sampling_defaults("fast")},
+            {"name": "consistent", "available": self.consistent.pipeline is not None,
+             "reason": self.consistent.unavailable_reason, "defaults": sampling_defaults("consistent")},
+        ]

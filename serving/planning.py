@@ -1,0 +1,106 @@
+"""A validated request → a `JobPlan`: the seed drawn once, the mode's engine and spec, one item per
+image, where the images go, and which of them an identical earlier request already stored.
+
+The plan is the one object the rest of the job reads: nothing writes back into the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.engine import Engine, ImageItem
+from serving.delivery import Delivery
+from serving.errors import JobError
+from serving.modes import ModeChoice, Modes
+from serving.outputs import image_entry
+from serving.schema import MAX_SEED, GenerateRequest
+from serving.settings import Settings
+from serving.storage import ImageStore, StorageConfigError, storage_config_from_job
+
+
+def spec_fields(spec: Any) -> dict[str, Any]:
+    """A spec's settings as the summary echoes them and the result cache keys them (fields that
+    take part in its equality: an identity's tensors do not, its reference's hash does)."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.compare}
+
+
+def model_fields(engine: Engine) -> dict[str, Any]:
+    """What serves, and the numerics that change its pixels (dtype, FP8): workers that differ
+    there never share cached images."""
+    identity = engine.identity
+    return {"id": identity.id, "revision": identity.revision, "demo": identity.demo, **engine.numerics()}
+
+
+@dataclass
+class JobPlan:
+    """A validated job, resolved: what runs, where the images go, which are already stored."""
+
+    request: GenerateRequest
+    seed: int
+    mode: ModeChoice
+    items: list[ImageItem]
+    delivery: Delivery
+    fallback_reason: str | None = None
+    cached_entries: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def engine(self) -> Engine:
+        return self.mode.engine
+
+    @property
+    def spec(self) -> Any:
+        return self.mode.spec
+
+    def cache_params(self, item: ImageItem) -> dict[str, Any]:
+        """Everything that decides an image's pixels and bytes: the result cache's key."""
+        request, spec = self.request, self.spec
+        return {
+            "model": model_fields(self.engine), "mode": self.mode.name, **spec_fields(spec),
+            "prompt": item.prompt, "negative_prompt": item.negative_prompt if spec.cfg else "", "seed": item.seed,
+            "format": request.output_format, "quality": request.output_quality,
+        }
+
+
+def job_store(s3_config: Any, settings: Settings, default: ImageStore | None) -> ImageStore | None:
+    """The deployment's store, or the job's own RunPod `s3Config`."""
+    if s3_config is None:
+        return default
+    if not isinstance(s3_config, dict):
+        raise JobError("invalid_input", "must be an object", field="s3Config")
+    try:
+        config = storage_config_from_job(s3_config, settings.storage)
+    except StorageConfigError as err:
+        raise JobError("invalid_input", str(err), field="s3Config") from None
+    return ImageStore(config)
+
+
+async def plan_job(request: GenerateRequest, s3_config: Any, modes: Modes, settings: Settings,
+                   store: ImageStore | None, storage_pool: Any) -> JobPlan:
+    if request.width * request.height > settings.max_pixels:
+        raise JobError("invalid_input", f"width x height must be at most {settings.max_pixels} pixels", field="width")
+    seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    items = [ImageItem(request.prompt, request.negative_prompt, (seed + i) % (MAX_SEED + 1))
+             for i in range(request.num_images)]
+    delivery = Delivery.plan(request.delivery, job_store(s3_config, settings, store), settings.max_response_bytes,
+                             request.width * request.height, request.num_images, request.output_format)
+    mode, fallback_reason = await modes.choose(request)
+    plan = JobPlan(request, seed, mode, items, delivery, fallback_reason)
+    await find_cached(plan, storage_pool)
+    return plan
+
+
+async def find_cached(plan: JobPlan, pool: Any) -> None:
+    """Images already in the bucket from an identical request: found by HEAD, never regenerated."""
+    if not plan.delivery.use_cache:
+        return
+    loop = asyncio.get_running_loop()
+    lookups = [loop.run_in_executor(pool, plan.delivery.cached, plan.cache_params(item), plan.request.output_format)
+               for item in plan.items]
+    for index, (item, found) in enumerate(zip(plan.items, await asyncio.gather(*lookups))):
+        if found is not None:
+            plan.cached_entries[index] = image_entry(index, item.seed, plan.spec.width, plan.spec.height,
+                                                     plan.request.output_format, **found)
