@@ -2,7 +2,7 @@
 
 It holds one diffusers `ZImagePipeline` (loaded once, from a local diffusers-format folder) and
 runs its components directly, stage by stage, so that each stage can be timed, text encodings
-cached, the sampler chosen (flow-match Euler or the danrisi res_2s), and a cancelled batch
+cached, the sampler chosen (flow-match Euler or the danrisi graph's ralston_2s), and a cancelled batch
 stopped between model calls. The simple workflow reproduces `ZImagePipeline.__call__` exactly
 (tests/pipelines/test_z_image.py checks the pixels).
 """
@@ -23,7 +23,7 @@ import torch
 
 from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationPlan, AccelerationReport, abandon_compile, accelerate
-from pipelines.samplers import StopCheck, beta_sigmas, sample_euler, sample_res_2s, simple_sigmas
+from pipelines.samplers import StopCheck, danrisi_sigmas, sample_danrisi, sample_euler, simple_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class BatchSpec:
     steps: int
     guidance_scale: float
     workflow: str
+    eta: float = 0.0  # danrisi's SDE noise share; the simple workflow has none
 
     @property
     def cfg(self) -> bool:
@@ -245,14 +246,16 @@ class ZImageEngine:
     @torch.no_grad()
     def denoise(
         self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None, spec: BatchSpec,
-        should_stop: StopCheck,
+        should_stop: StopCheck, seeds: list[int],
     ) -> torch.Tensor:
         """The sampling loop. If the compiled blocks fail to compile (at warm-up, or for a shape
-        first seen in a job), the engine turns eager for good and samples again from the same noise."""
+        first seen in a job), the engine turns eager for good and samples again from the same noise
+        (danrisi's SDE noise too: its generators are made inside the sampler, from `seeds`)."""
         shift = float(self.pipe.scheduler.config.get("shift", 3.0))
         velocity = self.velocity_function(text, negative, spec.guidance_scale)
         if spec.workflow == "z-image-danrisi":
-            sample = partial(sample_res_2s, noise, beta_sigmas(spec.steps, shift), velocity, should_stop)
+            sample = partial(sample_danrisi, noise, danrisi_sigmas(spec.steps, shift), velocity, should_stop,
+                             seeds=seeds, eta=spec.eta)
         else:
             sample = partial(sample_euler, noise, simple_sigmas(spec.steps, shift), velocity, should_stop)
         try:
@@ -288,8 +291,9 @@ class ZImageEngine:
         text = self.encode_prompts([item.prompt for item in items])
         negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
         started = mark("text_encoding", started)
-        noise = self.initial_noise([item.seed for item in items], spec.width, spec.height)
-        latents = self.denoise(noise, text, negative, spec, should_stop)
+        seeds = [item.seed for item in items]
+        noise = self.initial_noise(seeds, spec.width, spec.height)
+        latents = self.denoise(noise, text, negative, spec, should_stop, seeds)
         started = mark("denoising", started)
         images = self.decode(latents)
         mark("decoding", started)
