@@ -26,7 +26,7 @@ from models.z_image_demo import ensure_demo_model
 from pipelines.acceleration import AccelerationPlan, place_text_encoder, save_compile_cache, warm_up
 from pipelines.identity import IdentityError, MultipleFaces
 from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
-from pipelines.samplers import SamplingStopped
+from pipelines.samplers import DANRISI_ETA, DANRISI_REFERENCE_STEPS, SamplingStopped
 from pipelines.z_image import BatchResult, BatchSpec, ImageItem, ZImageEngine, pick_device, serving_dtype
 from serving.batcher import Batcher, ImageOutcome
 from serving.delivery import Delivered, Delivery
@@ -72,6 +72,15 @@ def _sampling_defaults(mode: str) -> dict[str, Any]:
     return {"steps": steps, "guidance_scale": guidance_scale}
 
 
+def _eta(request: GenerateRequest, workflow: str) -> float:
+    """Danrisi's SDE noise share: the request's, else the graph's 0.5; other workflows take none."""
+    if workflow == "z-image-danrisi":
+        return DANRISI_ETA if request.eta is None else request.eta
+    if request.eta is not None:
+        raise JobError("invalid_input", f"is only used by z-image-danrisi (this job runs {workflow})", field="eta")
+    return 0.0
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError)
 
@@ -107,6 +116,8 @@ class JobPlan:
         if isinstance(spec, ConsistentSpec):
             params.update(reference=spec.reference_sha256, id_weight=spec.id_weight,
                           identity_start_step=spec.identity_start_step)
+        if spec.workflow == "z-image-danrisi":
+            params["eta"] = spec.eta  # also retires results of the earlier res_2s danrisi
         return params
 
 
@@ -247,7 +258,7 @@ class Worker:
                                  request.width * request.height, request.num_images, request.output_format)
         if mode == "fast":
             workflow = self.resolve_workflow(request.workflow)
-            spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow)
+            spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow, _eta(request, workflow))
             plan = JobPlan(request, spec, items, delivery, mode)
         else:
             plan = await self._plan_consistent(request, items, delivery)
@@ -442,6 +453,8 @@ class Worker:
         }
         if isinstance(spec, ConsistentSpec):
             settings.update(id_weight=spec.id_weight, identity_start_step=spec.identity_start_step)
+        if spec.workflow == "z-image-danrisi":
+            settings["eta"] = spec.eta
         summary = {
             "mode": plan.mode_ran,
             "mode_requested": request.mode,
@@ -473,8 +486,14 @@ class Worker:
         return {
             "model": self._model_identity(),
             "workflows": [
-                {"name": "z-image-simple", "available": True, "reason": None},
-                {"name": "z-image-danrisi", "available": danrisi_reason is None, "reason": danrisi_reason},
+                {"name": "z-image-simple", "available": True, "reason": None, "model_calls": "steps",
+                 "sampler": "flow-match Euler (diffusers ZImagePipeline)"},
+                {"name": "z-image-danrisi", "available": danrisi_reason is None, "reason": danrisi_reason,
+                 "model_calls": "2*steps+1",
+                 "sampler": "RES4LYF 46de917 linear/ralston_2s, beta(0.4, 0.4) schedule from 0.996, eta, bongmath",
+                 "eta": {"default": DANRISI_ETA, "range": [0, 1]},
+                 "reference": {"steps": DANRISI_REFERENCE_STEPS, "eta": DANRISI_ETA, "lora_strength": 1.0,
+                               "note": "the users' ComfyUI graph; fast mode runs 8 steps unless steps is given"}},
                 {"name": "auto", "available": True, "reason": None, "resolves_to": self.resolve_workflow("auto")},
             ],
             "modes": [
