@@ -258,7 +258,8 @@ class Worker:
                                  request.width * request.height, request.num_images, request.output_format)
         if mode == "fast":
             workflow = self.resolve_workflow(request.workflow)
-            spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow, _eta(request, workflow))
+            steps, guidance = request.sampling("fast")
+            spec = BatchSpec(request.width, request.height, steps, guidance, workflow, _eta(request, workflow))
             plan = JobPlan(request, spec, items, delivery, mode)
         else:
             plan = await self._plan_consistent(request, items, delivery)

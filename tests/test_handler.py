@@ -67,7 +67,8 @@ def test_eta_is_refused_where_danrisi_does_not_run(handler_module):
     refused = run_job(handler_module, {"prompt": "x", "workflow": "z-image-simple", "eta": 0.3, **SMALL})
     assert refused["error"] == "invalid_input: eta: is only used by z-image-danrisi"
     served = handler_module.WORKER
-    simple_auto = Worker(dataclasses.replace(served.settings, auto_workflow="z-image-simple"), served.engine, None, "off")
+    settings = dataclasses.replace(served.settings, auto_workflow="z-image-simple")
+    simple_auto = Worker(settings, served.engine, None, "off")
     result = asyncio.run(collect(simple_auto.run_job, {"id": "t", "input": {"prompt": "x", "eta": 0.3, **SMALL}}))
     assert result["error"] == "invalid_input: eta: is only used by z-image-danrisi (this job runs z-image-simple)"
 

@@ -19,7 +19,8 @@ def test_danrisi_eta_keys_the_result_cache_and_splits_batches(handler_module):
     assert half.cache_params(item, model) != none.cache_params(item, model)
     worker = handler_module.WORKER
     assert worker._batch_group(half) != worker._batch_group(none)
-    assert worker._batch_group(half) == worker._batch_group(_plan(BatchSpec(64, 64, 8, 0.0, "z-image-danrisi", eta=0.5)))
+    same = _plan(BatchSpec(64, 64, 8, 0.0, "z-image-danrisi", eta=0.5))
+    assert worker._batch_group(half) == worker._batch_group(same)
 
 
 def test_the_simple_workflows_cache_key_has_no_eta():
