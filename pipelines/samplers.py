@@ -2,18 +2,20 @@
 
 A sampler sees the model only through `velocity(x, sigma) -> v`, the flow velocity dx/dsigma
 (Z-Image's transformer output, negated). The denoised estimate is D = x - sigma * v.
-Schedules are float32 tensors and the Euler step is done in float32, exactly as diffusers'
-scheduler does it, so the simple workflow matches `ZImagePipeline` pixel for pixel.
+The simple schedule is float32 and its Euler step is done in float32, exactly as diffusers'
+scheduler does it, so the simple workflow matches `ZImagePipeline` pixel for pixel. The danrisi
+schedule and sampler reproduce the users' ComfyUI graph (RES4LYF's linear/ralston_2s).
 `should_stop` is polled at every model-call boundary so a cancelled batch frees the GPU early.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
+from collections.abc import Callable, Sequence
+from itertools import pairwise
 
+import numpy as np
 import torch
-from scipy.special import betaincinv
+from scipy.stats import beta as beta_distribution
 
 from pipelines.engine import SamplingStopped, StopCheck
 
@@ -34,13 +36,6 @@ def simple_sigmas(steps: int, shift: float) -> torch.Tensor:
     return _with_terminal_zero(shift_sigmas(torch.linspace(1.0, 1.0 / steps, steps), shift))
 
 
-def beta_sigmas(steps: int, shift: float, alpha: float = 0.4, beta: float = 0.4, sigma_max: float = 0.996) -> torch.Tensor:
-    """The danrisi schedule: beta-distributed timesteps, shifted, rescaled to start at sigma_max, then 0."""
-    quantiles = [1.0 - i / steps for i in range(steps)]
-    shifted = shift_sigmas(torch.tensor([float(betaincinv(alpha, beta, q)) for q in quantiles], dtype=torch.float64), shift)
-    return _with_terminal_zero(shifted * (sigma_max / shifted[0]))
-
-
 def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck) -> torch.Tensor:
     """Flow-match Euler: one model call per step."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
@@ -50,37 +45,131 @@ def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, shou
     return x
 
 
-def _phi1(z: float) -> float:
-    return math.expm1(z) / z
+# -- the danrisi workflow ------------------------------------------------------------------------
+# The users' ComfyUI graph: BetaSamplingScheduler (alpha = beta = 0.4) -> Sigmas Rescale (0.996 -> 0)
+# -> RES4LYF's ClownsharKSampler_Beta (commit 46de917): sampler linear/ralston_2s, noise mode "hard",
+# eta_substep = eta, bongmath on, cfg 1. Written from RES4LYF's and ComfyUI's source; the tests replay
+# RES4LYF's own stepping on a toy model with an exact denoiser.
+DANRISI_ETA = 0.5
+DANRISI_REFERENCE_STEPS = 20  # the public graph's step count
+BETA_SCHEDULE_SHAPE = 0.4  # the graph's alpha and beta
+DANRISI_SIGMA_START = 0.996  # Sigmas Rescale's start
+FLOW_TIMESTEPS = 1000  # ComfyUI's discrete flow table for Z-Image
+SIGMA_MIN_TOLERANCE = 1e-4  # RES4LYF's prepare_sigmas inserts sigma_min unless the schedule ends this close
+RALSTON_C2 = 2 / 3  # ralston_2s: a21 = c2 = 2/3, weights 1/4 and 3/4
+RALSTON_WEIGHTS = (1 / 4, 3 / 4)
+BONGMATH_ABOVE_SIGMA = 0.03  # RES4LYF re-solves the step's start only while sigma > 0.03
+MAX_NOISE_SHARE = 0.9999  # "hard" noise at eta >= 1: RES4LYF keeps a sliver of the deterministic part
+STEP_SEED_OFFSET = 1  # ClownsharKSampler's SDE seed is the graph's seed + 1 ...
+SUBSTEP_SEED_OFFSET = 1 + 10000  # ... and its substep stream is offset by RES4LYF's MAX_STEPS
 
 
-def _phi2(z: float) -> float:
-    return (math.expm1(z) - z) / (z * z)
+def flow_sigma_table(shift: float) -> torch.Tensor:
+    """ComfyUI's ModelSamplingDiscreteFlow sigmas for a model with this shift (float32, ascending):
+    sigma_i = shift((i + 1) / 1000). Its first entry is the model's sigma_min."""
+    return shift_sigmas(torch.arange(1, FLOW_TIMESTEPS + 1) / FLOW_TIMESTEPS, shift)
 
 
-def sample_res_2s(
-    x: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck, c2: float = 0.5
-) -> torch.Tensor:
-    """2-stage exponential Runge-Kutta (res_2s, arXiv 2308.02157), deterministic (eta 0).
+def danrisi_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """The schedule the danrisi graph samples (float64, as RES4LYF holds it), ending sigma_min, 0.
 
-    Two model calls per step; the last step, to sigma 0, takes the denoised estimate directly.
+    ComfyUI's beta_scheduler picks table entries at beta(0.4, 0.4) quantiles (repeats dropped),
+    Sigmas Rescale maps them onto 0.996..0 in float32, and RES4LYF's prepare_sigmas puts the
+    model's sigma_min before the final 0, where the sampler makes its last model call.
     """
+    table = flow_sigma_table(shift)
+    quantiles = 1 - np.linspace(0, 1, steps, endpoint=False)
+    picked = np.rint(beta_distribution.ppf(quantiles, BETA_SCHEDULE_SHAPE, BETA_SCHEDULE_SHAPE) * (len(table) - 1))
+    indices = [int(i) for n, i in enumerate(picked) if n == 0 or i != picked[n - 1]]
+    scheduled = torch.cat([table[indices], torch.zeros(1)])
+    low, high = scheduled.min(), scheduled.max()
+    sigmas = ((scheduled - low) * DANRISI_SIGMA_START / (high - low)).double()
+    sigma_min = table[:1].double()
+    if sigmas[-2] - sigma_min > SIGMA_MIN_TOLERANCE:
+        return torch.cat([sigmas[:-1], sigma_min, sigmas[-1:]])
+    # RES4LYF raises a lower end to sigma_min; one within 1e-4 of it (never the case for 1..50
+    # steps at shift 3) we also snap, so the schedule always ends on the final call's sigma
+    sigmas[-2] = sigma_min
+    return sigmas
+
+
+class _SdeNoise:
+    """RES4LYF's two noise streams, one pair of CPU generators per image (seed + 1 for the steps,
+    seed + 10001 for the substeps): each draw is float64, z-scored over the image, then per
+    channel, and only then cast to the latent's dtype and device."""
+
+    def __init__(self, seeds: Sequence[int], like: torch.Tensor) -> None:
+        self.like = like
+        self.step_generators = [torch.Generator().manual_seed(seed + STEP_SEED_OFFSET) for seed in seeds]
+        self.substep_generators = [torch.Generator().manual_seed(seed + SUBSTEP_SEED_OFFSET) for seed in seeds]
+
+    def step(self) -> torch.Tensor:
+        return self._draw(self.step_generators)
+
+    def substep(self) -> torch.Tensor:
+        return self._draw(self.substep_generators)
+
+    def _draw(self, generators: list[torch.Generator]) -> torch.Tensor:
+        shape = (1, *self.like.shape[1:])
+        draws = []
+        for generator in generators:
+            z = torch.randn(shape, generator=generator, dtype=torch.float64)
+            z = (z - z.mean()) / z.std()
+            draws.append((z - z.mean(dim=(-2, -1), keepdim=True)) / z.std(dim=(-2, -1), keepdim=True))
+        return torch.cat(draws).to(self.like.dtype).to(self.like.device)
+
+
+def _renoise(denoised: torch.Tensor, eps: torch.Tensor, sigma: float, eta: float, z: torch.Tensor) -> torch.Tensor:
+    """RES4LYF's "hard" noise swap for a flow model: the point at `sigma` on the line from
+    `denoised` along `eps`, with an eta share of its noise replaced by fresh noise `z`."""
+    noise_up = min(eta, MAX_NOISE_SHARE) * sigma
+    kept = (sigma**2 - noise_up**2) ** 0.5
+    return ((1 - sigma) + kept) * denoised + kept * eps + noise_up * z
+
+
+def sample_danrisi(
+    noise: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck, *,
+    seeds: Sequence[int], eta: float = DANRISI_ETA,
+) -> torch.Tensor:
+    """RES4LYF 46de917's linear/ralston_2s with SDE noise and bongmath, on `danrisi_sigmas`.
+
+    `noise` is the unit start noise (one row per image, seeds[i] being image i's seed); the
+    sampler starts at sigmas[0] * noise. Each step makes two model calls: at the step's start and
+    at its 2/3 point, each epsilon measured from the step's start (RES4LYF's noise anchor). With
+    eta > 0 the 2/3 point and the step's end are re-noised ("hard" mode, eta_substep = eta), and
+    while sigma > 0.03 the step's start is re-solved so the re-noised 2/3 point is an exact stage
+    from it (bongmath). The last model call, at sigmas[-2] (sigma_min), returns its denoised
+    estimate: 2N + 1 calls for N steps. The noise generators live only in this call, so a re-run
+    replays the same noise and a batch gives each image what it gets alone.
+    """
+    if len(seeds) != noise.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {noise.shape[0]} images")
+    levels = [float(sigma) for sigma in sigmas]
+    if len(levels) < 3 or levels[-1] != 0.0:
+        raise ValueError("a danrisi schedule ends with sigma_min, 0")
+    sde = _SdeNoise(seeds, noise) if eta > 0 else None
 
     def denoised(x_in: torch.Tensor, sigma: float) -> torch.Tensor:
         if should_stop():
             raise SamplingStopped
-        return x_in - sigma * velocity(x_in, torch.tensor(sigma, dtype=torch.float32))
+        return x_in - sigma * velocity(x_in, torch.tensor(sigma, dtype=x_in.dtype))
 
-    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
-        d1 = denoised(x, sigma)
-        if sigma_next == 0.0:
-            x = d1
-            continue
-        h = math.log(sigma / sigma_next)
-        sigma_mid = sigma * math.exp(-c2 * h)
-        x_mid = math.exp(-c2 * h) * x + (-math.expm1(-c2 * h)) * d1
-        d2 = denoised(x_mid, sigma_mid)
-        b2 = _phi2(-h) / c2
-        b1 = _phi1(-h) - b2
-        x = x + h * (b1 * (d1 - x) + b2 * (d2 - x))
-    return x
+    x = levels[0] * noise
+    for sigma, sigma_next in pairwise(levels[:-1]):
+        h = sigma_next - sigma
+        sigma_mid = sigma + RALSTON_C2 * h
+        d_start = denoised(x, sigma)
+        eps_start = (x - d_start) / sigma
+        x_mid = x + RALSTON_C2 * h * eps_start
+        if sde is not None:
+            x_mid = _renoise(d_start, eps_start, sigma_mid, eta, sde.substep())
+            if sigma > BONGMATH_ABOVE_SIGMA:  # bongmath: the start that x_mid is an exact stage from
+                x = (sigma * x_mid + (sigma_mid - sigma) * d_start) / sigma_mid
+                eps_start = (x - d_start) / sigma
+        eps_mid = (x - denoised(x_mid, sigma_mid)) / sigma
+        eps = RALSTON_WEIGHTS[0] * eps_start + RALSTON_WEIGHTS[1] * eps_mid
+        if sde is None:
+            x = x + h * eps
+        else:
+            x = _renoise(x - sigma * eps, eps, sigma_next, eta, sde.step())
+    return denoised(x, levels[-2])

@@ -2,9 +2,9 @@
 
 It holds one diffusers `ZImagePipeline` (loaded once, from a local diffusers-format folder) and
 runs its components directly, stage by stage, so that each stage can be timed, text encodings
-cached, the sampler chosen (flow-match Euler or danrisi), and a cancelled batch stopped between
-model calls. The simple workflow reproduces `ZImagePipeline.__call__` (tests/pipelines/
-test_z_image.py checks the pixels). It implements `pipelines.engine.Engine`.
+cached, the sampler chosen (flow-match Euler or the danrisi graph's ralston_2s), and a cancelled
+batch stopped between model calls. The simple workflow reproduces `ZImagePipeline.__call__`
+(tests/pipelines/test_z_image.py checks the pixels). It implements `pipelines.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cachetools import LRUCache
 from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.engine import BatchResult, ImageItem, ModelIdentity, StopCheck
-from pipelines.samplers import beta_sigmas, sample_euler, sample_res_2s, simple_sigmas
+from pipelines.samplers import danrisi_sigmas, sample_danrisi, sample_euler, simple_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class BatchSpec:
     steps: int
     guidance_scale: float
     workflow: str
+    eta: float | None = None  # danrisi's SDE noise share; the simple workflow has none
 
     @property
     def cfg(self) -> bool:
@@ -245,14 +246,16 @@ class ZImageEngine:
     @torch.no_grad()
     def denoise(
         self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None, spec: BatchSpec,
-        should_stop: StopCheck,
+        should_stop: StopCheck, seeds: list[int],
     ) -> torch.Tensor:
         """The sampling loop. If the compiled blocks fail to compile (at warm-up, or for a shape
-        first seen in a job), the engine turns eager for good and samples again from the same noise."""
+        first seen in a job), the engine turns eager for good and samples again from the same noise
+        (danrisi's SDE noise too: its generators are made inside the sampler, from `seeds`)."""
         shift = float(self.pipe.scheduler.config.get("shift", 3.0))
         velocity = self.velocity_function(text, negative, spec.guidance_scale)
         if spec.workflow == "z-image-danrisi":
-            sample = partial(sample_res_2s, noise, beta_sigmas(spec.steps, shift), velocity, should_stop)
+            sample = partial(sample_danrisi, noise, danrisi_sigmas(spec.steps, shift), velocity, should_stop,
+                             seeds=seeds, eta=spec.eta)
         else:
             sample = partial(sample_euler, noise, simple_sigmas(spec.steps, shift), velocity, should_stop)
         return with_compile_fallback(sample, self.pipe.transformer, self.acceleration)
@@ -282,8 +285,9 @@ class ZImageEngine:
         text = self.encode_prompts([item.prompt for item in items])
         negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
         started = mark("text_encoding", started)
-        noise = self.initial_noise([item.seed for item in items], spec.width, spec.height)
-        latents = self.denoise(noise, text, negative, spec, should_stop)
+        seeds = [item.seed for item in items]
+        noise = self.initial_noise(seeds, spec.width, spec.height)
+        latents = self.denoise(noise, text, negative, spec, should_stop, seeds)
         started = mark("denoising", started)
         images = self.decode(latents)
         mark("decoding", started)

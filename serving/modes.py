@@ -15,6 +15,7 @@ from typing import Any
 from pipelines.engine import Engine
 from pipelines.identity import IdentityError, MultipleFaces
 from pipelines.pulid_flux import PuLIDFluxPipeline, PuLIDSpec
+from pipelines.samplers import DANRISI_ETA, DANRISI_REFERENCE_STEPS
 from pipelines.z_image import BatchSpec, ZImageEngine
 from serving.errors import JobError
 from serving.reference_image import load_reference_image
@@ -57,16 +58,32 @@ class FastMode:
         return requested
 
     async def choose(self, request: GenerateRequest) -> ModeChoice:
-        spec = BatchSpec(request.width, request.height, *request.sampling("fast"), self.resolve_workflow(request.workflow))
+        workflow = self.resolve_workflow(request.workflow)
+        spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow, _eta(request, workflow))
         return ModeChoice(self.name, self.engine, spec)
 
     def workflows(self) -> list[dict[str, Any]]:
         danrisi_reason = None if self.settings.danrisi_enabled else "disabled by DANRISI_ENABLED=0"
         return [
-            {"name": "z-image-simple", "available": True, "reason": None},
-            {"name": "z-image-danrisi", "available": danrisi_reason is None, "reason": danrisi_reason},
+            {"name": "z-image-simple", "available": True, "reason": None, "model_calls": "steps",
+             "sampler": "flow-match Euler (diffusers ZImagePipeline)"},
+            {"name": "z-image-danrisi", "available": danrisi_reason is None, "reason": danrisi_reason,
+             "model_calls": "2*steps+1",
+             "sampler": "RES4LYF 46de917 linear/ralston_2s, beta(0.4, 0.4) schedule from 0.996, eta, bongmath",
+             "eta": {"default": DANRISI_ETA, "range": [0, 1]},
+             "reference": {"steps": DANRISI_REFERENCE_STEPS, "eta": DANRISI_ETA, "lora_strength": 1.0,
+                           "note": "the users' ComfyUI graph; fast mode runs 8 steps unless steps is given"}},
             {"name": "auto", "available": True, "reason": None, "resolves_to": self.resolve_workflow("auto")},
         ]
+
+
+def _eta(request: GenerateRequest, workflow: str) -> float | None:
+    """Danrisi's SDE noise share: the request's, else the graph's 0.5; other workflows take none."""
+    if workflow == "z-image-danrisi":
+        return DANRISI_ETA if request.eta is None else request.eta
+    if request.eta is not None:
+        raise JobError("invalid_input", f"is only used by z-image-danrisi (this job runs {workflow})", field="eta")
+    return None
 
 
 class ConsistentMode:

@@ -24,8 +24,10 @@ from serving.storage import ImageStore, StorageConfigError, storage_config_from_
 
 def spec_fields(spec: Any) -> dict[str, Any]:
     """A spec's settings as the summary echoes them and the result cache keys them (fields that
-    take part in its equality: an identity's tensors do not, its reference's hash does)."""
-    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.compare}
+    take part in its equality: an identity's tensors do not, its reference's hash does), less the
+    ones this spec leaves unset (the simple workflow has no eta)."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
+            if f.compare and getattr(spec, f.name) is not None}
 
 
 def model_fields(engine: Engine) -> dict[str, Any]:

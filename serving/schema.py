@@ -6,7 +6,7 @@ import math
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serving.errors import JobError
 
@@ -56,6 +56,7 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = None
     workflow: Workflow = "auto"
+    eta: float | None = Field(default=None, ge=0, le=1)  # danrisi's SDE noise share (default 0.5)
     mode: Mode = "fast"
     output_format: ImageFormat = "png"
     output_quality: int | None = None
@@ -155,6 +156,12 @@ class GenerateRequest(BaseModel):
             raise _FieldRule("reference_image", "is only used in consistent mode")
         if self.identity_start_step is not None and self.identity_start_step >= self.sampling("consistent")[0]:
             raise _FieldRule("identity_start_step", "must be less than steps")
+        return self
+
+    @model_validator(mode="after")
+    def _eta_needs_danrisi(self) -> "GenerateRequest":
+        if self.eta is not None and self.workflow == "z-image-simple":
+            raise _FieldRule("eta", "is only used by z-image-danrisi")
         return self
 
     def sampling(self, mode: Mode) -> tuple[int, float]:

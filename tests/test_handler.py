@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import io
 import json
 import subprocess
@@ -46,6 +48,29 @@ def test_workflows_differ_and_auto_prefers_danrisi(handler_module):
     assert auto["workflow"] == "z-image-danrisi"
     assert np.array_equal(pixels(auto["images"][0]), pixels(danrisi["images"][0]))
     assert not np.array_equal(pixels(simple["images"][0]), pixels(danrisi["images"][0]))
+
+
+def test_danrisi_eta_defaults_to_the_graphs_is_echoed_and_changes_the_image(handler_module):
+    job = {"prompt": "a boat", "seed": 1, "workflow": "z-image-danrisi", **SMALL}
+    default, explicit, ode = (run_job(handler_module, job | extra) for extra in ({}, {"eta": 0.5}, {"eta": 0.0}))
+    assert default["settings"]["eta"] == explicit["settings"]["eta"] == 0.5 and ode["settings"]["eta"] == 0.0
+    assert np.array_equal(pixels(default["images"][0]), pixels(explicit["images"][0]))
+    assert not np.array_equal(pixels(default["images"][0]), pixels(ode["images"][0]))
+    simple = run_job(handler_module, job | {"workflow": "z-image-simple"})
+    assert "eta" not in simple["settings"]
+
+
+def test_eta_is_refused_where_danrisi_does_not_run(handler_module):
+    from serving.local_run import collect
+    from serving.worker import Worker
+
+    refused = run_job(handler_module, {"prompt": "x", "workflow": "z-image-simple", "eta": 0.3, **SMALL})
+    assert refused["error"] == "invalid_input: eta: is only used by z-image-danrisi"
+    served = handler_module.WORKER
+    settings = dataclasses.replace(served.settings, auto_workflow="z-image-simple")
+    simple_auto = Worker(settings, served.engine, None, "off")
+    result = asyncio.run(collect(simple_auto.run_job, {"id": "t", "input": {"prompt": "x", "eta": 0.3, **SMALL}}))
+    assert result["error"] == "invalid_input: eta: is only used by z-image-danrisi (this job runs z-image-simple)"
 
 
 @pytest.mark.parametrize(
@@ -113,7 +138,14 @@ def test_capabilities(handler_module):
     assert {w["name"]: w["available"] for w in caps["workflows"]} == {
         "z-image-simple": True, "z-image-danrisi": True, "auto": True,
     }
+    workflows = {w["name"]: w for w in caps["workflows"]}
+    assert workflows["z-image-simple"]["model_calls"] == "steps"
+    assert workflows["z-image-danrisi"]["model_calls"] == "2*steps+1"
+    assert workflows["z-image-danrisi"]["eta"] == {"default": 0.5, "range": [0, 1]}
+    assert workflows["z-image-danrisi"]["reference"] | {"steps": 20, "eta": 0.5, "lora_strength": 1.0} == (
+        workflows["z-image-danrisi"]["reference"])
     assert {m["name"]: m["available"] for m in caps["modes"]} == {"fast": True, "consistent": True}
+    assert next(m for m in caps["modes"] if m["name"] == "fast")["defaults"]["steps"] == 8
     assert caps["delivery"]["base64"] is True and caps["delivery"]["url"] is False
     assert caps["limits"]["num_images"] == [1, 16] and caps["device"] == "cpu" and caps["dtype"] == "float32"
     assert caps["versions"]["diffusers"] == "0.42.1"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.samplers import danrisi_sigmas, sample_danrisi
 from pipelines.z_image import BatchSpec, ImageItem
 from tests.conftest import assert_regenerates
 
@@ -42,10 +43,28 @@ def test_cfg_with_a_negative_prompt_of_another_length_never_masks_attention(engi
 
 
 def test_batched_images_equal_their_single_runs(engine):
-    spec = BatchSpec(64, 64, 2, 0.0, "z-image-danrisi")
+    spec = BatchSpec(64, 64, 2, 0.0, "z-image-danrisi", eta=0.5)
     batch = engine.generate([ImageItem("a dog", "", seed) for seed in (1, 2, 3)], spec).images
     for position, seed in enumerate((1, 2, 3)):
         assert_regenerates(batch[position], engine.generate([ImageItem("a dog", "", seed)], spec).images[0])
+
+
+def test_danrisi_workflow_runs_the_danrisi_sampler_with_each_images_seed(engine):
+    """The engine's danrisi is `sample_danrisi` on `danrisi_sigmas`, with the batch's eta and each
+    image's seed for its SDE noise, on the engine's own start noise and velocity."""
+    items = [ImageItem("a fox", "", 4), ImageItem("a fox", "", 8)]
+    spec = BatchSpec(64, 64, 3, 0.0, "z-image-danrisi", eta=0.7)
+    ours = engine.generate(items, spec).images
+    shift = float(engine.pipe.scheduler.config.get("shift", 3.0))
+    with torch.no_grad():
+        velocity = engine.velocity_function(engine.encode_prompts(["a fox"] * 2), None, 0.0)
+        latents = sample_danrisi(engine.initial_noise([4, 8], 64, 64), danrisi_sigmas(3, shift), velocity,
+                                 lambda: False, seeds=[4, 8], eta=0.7)
+    reference = engine.decode(latents)
+    for position in range(2):
+        assert_regenerates(ours[position], reference[position])
+    other_eta = engine.generate(items[:1], BatchSpec(64, 64, 3, 0.0, "z-image-danrisi", eta=0.0)).images[0]
+    assert not np.array_equal(other_eta, ours[0])
 
 
 def test_prompts_of_one_length_bucket_batch_without_changing_pixels(engine):

@@ -61,6 +61,7 @@ def check(raw: Any) -> None:
             steps, guidance = parsed.sampling(mode)
             assert 1 <= steps <= 50 and 0 <= guidance <= 20
         assert (parsed.mode == "consistent") == (parsed.reference_image is not None)
+        assert parsed.eta is None or (0 <= parsed.eta <= 1 and parsed.workflow != "z-image-simple")
 
 
 @settings(max_examples=300, deadline=None)
@@ -112,3 +113,14 @@ def test_steps_and_guidance_default_for_the_mode_that_runs():
         parse_job_input({**consistent, "identity_start_step": 20})
     with pytest.raises(JobError, match="identity_start_step: must be less than steps"):
         parse_job_input({**consistent, "identity_start_step": 5, "steps": 5})
+
+
+def test_eta_is_a_danrisi_setting_between_0_and_1():
+    assert parse_job_input({"prompt": "x", "workflow": "z-image-danrisi", "eta": 0.25}).eta == 0.25
+    assert parse_job_input({"prompt": "x", "eta": 1}).eta == 1.0  # auto: the worker checks what it resolves to
+    assert parse_job_input({"prompt": "x", "workflow": "z-image-danrisi"}).eta is None  # the worker's 0.5
+    with pytest.raises(JobError, match=r"^invalid_input: eta: is only used by z-image-danrisi$"):
+        parse_job_input({"prompt": "x", "workflow": "z-image-simple", "eta": 0.5})
+    for bad in (-0.1, 1.5, float("nan"), "0.5", True):
+        with pytest.raises(JobError, match=r"^invalid_input: eta: "):
+            parse_job_input({"prompt": "x", "workflow": "z-image-danrisi", "eta": bad})
