@@ -62,7 +62,7 @@ SIGMA_MIN_TOLERANCE = 1e-4  # RES4LYF's prepare_sigmas inserts sigma_min unless 
 RALSTON_C2 = 2 / 3  # ralston_2s: a21 = c2 = 2/3, weights 1/4 and 3/4
 RALSTON_WEIGHTS = (1 / 4, 3 / 4)
 BONGMATH_ABOVE_SIGMA = 0.03  # RES4LYF re-solves the step's start only while sigma > 0.03
-MAX_NOISE_SHARE = 0.9999  # "hard" noise at eta >= 1: RES4LYF keeps a sliver of the deterministic part
+MAX_NOISE_SHARE = 0.9999  # "hard" noise at eta >= 1: RES4LYF uses this share instead, not all of sigma
 STEP_SEED_OFFSET = 1  # ClownsharKSampler's SDE seed is the graph's seed + 1 ...
 SUBSTEP_SEED_OFFSET = 1 + 10000  # ... and its substep stream is offset by RES4LYF's MAX_STEPS
 
@@ -125,7 +125,7 @@ class _SdeNoise:
 def _renoise(denoised: torch.Tensor, eps: torch.Tensor, sigma: float, eta: float, z: torch.Tensor) -> torch.Tensor:
     """RES4LYF's "hard" noise swap for a flow model: the point at `sigma` on the line from
     `denoised` along `eps`, with an eta share of its noise replaced by fresh noise `z`."""
-    noise_up = min(eta, MAX_NOISE_SHARE) * sigma
+    noise_up = (MAX_NOISE_SHARE if eta >= 1 else eta) * sigma
     kept = (sigma**2 - noise_up**2) ** 0.5
     return ((1 - sigma) + kept) * denoised + kept * eps + noise_up * z
 
