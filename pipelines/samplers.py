@@ -59,7 +59,7 @@ SIGMA_MIN_TOLERANCE = 1e-4  # RES4LYF's prepare_sigmas inserts sigma_min unless 
 RALSTON_C2 = 2 / 3  # ralston_2s: a21 = c2 = 2/3, weights 1/4 and 3/4
 RALSTON_WEIGHTS = (1 / 4, 3 / 4)
 BONGMATH_ABOVE_SIGMA = 0.03  # RES4LYF re-solves the step's start only while sigma > 0.03
-MAX_NOISE_SHARE = 0.9999  # "hard" noise at eta >= 1: RES4LYF keeps a sliver of the deterministic part
+MAX_NOISE_SHARE = 0.9999  # "hard" noise at eta >= 1: RES4LYF uses this share instead, not all of sigma
 STEP_SEED_OFFSET = 1  # ClownsharKSampler's SDE seed is the graph's seed + 1 ...
 SUBSTEP_SEED_OFFSET = 1 + 10000  # ... and its substep stream is offset by RES4LYF's MAX_STEPS
 
@@ -93,10 +93,24 @@ def danrisi_sigmas(steps: int, shift: float) -> torch.Tensor:
     return sigmas
 
 
+def _normalised_gaussian(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """RES4LYF's gaussian noise for one image: float64, z-scored over the image, then per channel."""
+    z = torch.randn(shape, generator=generator, dtype=torch.float64)
+    z = (z - z.mean()) / z.std()
+    return (z - z.mean(dim=(-2, -1), keepdim=True)) / z.std(dim=(-2, -1), keepdim=True)
+
+
+def danrisi_start_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """The graph's unit start noise, float64, one row per seed: RES4LYF draws it like its SDE noise,
+    on a CPU generator seeded with the image's seed (the latent is still on the CPU then), and
+    re-centres it once more."""
+    rows = [_normalised_gaussian(torch.Generator().manual_seed(seed), (1, *shape[1:])) for seed in seeds]
+    return torch.cat([row - row.mean() for row in rows])
+
+
 class _SdeNoise:
     """RES4LYF's two noise streams, one pair of CPU generators per image (seed + 1 for the steps,
-    seed + 10001 for the substeps): each draw is float64, z-scored over the image, then per
-    channel, and only then cast to the latent's dtype and device."""
+    seed + 10001 for the substeps), each draw cast to the latent's dtype and device at the end."""
 
     def __init__(self, seeds: Sequence[int], like: torch.Tensor) -> None:
         self.like = like
@@ -111,18 +125,14 @@ class _SdeNoise:
 
     def _draw(self, generators: list[torch.Generator]) -> torch.Tensor:
         shape = (1, *self.like.shape[1:])
-        draws = []
-        for generator in generators:
-            z = torch.randn(shape, generator=generator, dtype=torch.float64)
-            z = (z - z.mean()) / z.std()
-            draws.append((z - z.mean(dim=(-2, -1), keepdim=True)) / z.std(dim=(-2, -1), keepdim=True))
-        return torch.cat(draws).to(self.like.dtype).to(self.like.device)
+        draws = torch.cat([_normalised_gaussian(generator, shape) for generator in generators])
+        return draws.to(self.like.dtype).to(self.like.device)
 
 
 def _renoise(denoised: torch.Tensor, eps: torch.Tensor, sigma: float, eta: float, z: torch.Tensor) -> torch.Tensor:
     """RES4LYF's "hard" noise swap for a flow model: the point at `sigma` on the line from
     `denoised` along `eps`, with an eta share of its noise replaced by fresh noise `z`."""
-    noise_up = min(eta, MAX_NOISE_SHARE) * sigma
+    noise_up = (MAX_NOISE_SHARE if eta >= 1 else eta) * sigma
     kept = (sigma**2 - noise_up**2) ** 0.5
     return ((1 - sigma) + kept) * denoised + kept * eps + noise_up * z
 

@@ -25,7 +25,7 @@ from cachetools import LRUCache
 from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.engine import BatchResult, ImageItem, ModelIdentity, StopCheck
-from pipelines.samplers import danrisi_sigmas, sample_danrisi, sample_euler, simple_sigmas
+from pipelines.samplers import danrisi_sigmas, danrisi_start_noise, sample_danrisi, sample_euler, simple_sigmas
 
 log = logging.getLogger(__name__)
 
@@ -201,10 +201,13 @@ class ZImageEngine:
         return [hidden[i][mask[i]].to(self.device, self.dtype) for i in range(len(prompts))]
 
     # -- stage 2: latents -----------------------------------------------------------------------
-    def initial_noise(self, seeds: list[int], width: int, height: int) -> torch.Tensor:
-        """Per-image generators, so image i's noise is the same whatever batch it runs in."""
+    def initial_noise(self, seeds: list[int], width: int, height: int, workflow: str = "z-image-simple") -> torch.Tensor:
+        """Per-image generators, so image i's noise is the same whatever batch it runs in: diffusers'
+        draw for the simple workflow, the ComfyUI graph's (RES4LYF's, on the CPU) for danrisi."""
         scale = self.pipe.vae_scale_factor
         shape = (1, self.pipe.transformer.in_channels, 2 * (height // (scale * 2)), 2 * (width // (scale * 2)))
+        if workflow == "z-image-danrisi":
+            return danrisi_start_noise(seeds, shape).float().to(self.device)
         noises = [
             torch.randn(shape, generator=torch.Generator(self.device).manual_seed(seed), device=self.device)
             for seed in seeds
@@ -286,7 +289,7 @@ class ZImageEngine:
         negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
         started = mark("text_encoding", started)
         seeds = [item.seed for item in items]
-        noise = self.initial_noise(seeds, spec.width, spec.height)
+        noise = self.initial_noise(seeds, spec.width, spec.height, spec.workflow)
         latents = self.denoise(noise, text, negative, spec, should_stop, seeds)
         started = mark("denoising", started)
         images = self.decode(latents)

@@ -62,13 +62,14 @@ def test_danrisi_eta_defaults_to_the_graphs_is_echoed_and_changes_the_image(hand
 
 def test_eta_is_refused_where_danrisi_does_not_run(handler_module):
     from serving.local_run import collect
+    from serving.startup import LoadedEngines
     from serving.worker import Worker
 
     refused = run_job(handler_module, {"prompt": "x", "workflow": "z-image-simple", "eta": 0.3, **SMALL})
     assert refused["error"] == "invalid_input: eta: is only used by z-image-danrisi"
     served = handler_module.WORKER
     settings = dataclasses.replace(served.settings, auto_workflow="z-image-simple")
-    simple_auto = Worker(settings, served.engine, None, "off")
+    simple_auto = Worker(settings, LoadedEngines(served.engine, None, "off"))
     result = asyncio.run(collect(simple_auto.run_job, {"id": "t", "input": {"prompt": "x", "eta": 0.3, **SMALL}}))
     assert result["error"] == "invalid_input: eta: is only used by z-image-danrisi (this job runs z-image-simple)"
 

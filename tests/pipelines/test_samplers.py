@@ -15,7 +15,9 @@ import pytest
 import torch
 from scipy.stats import beta as beta_distribution
 
-from pipelines.samplers import SamplingStopped, danrisi_sigmas, sample_danrisi, sample_euler, simple_sigmas
+from pipelines.samplers import (
+    SamplingStopped, danrisi_sigmas, danrisi_start_noise, sample_danrisi, sample_euler, simple_sigmas,
+)
 
 SHIFT = 3.0
 
@@ -206,6 +208,17 @@ def test_danrisi_reproduces_res4lyf_ralston_2s_on_an_exact_denoiser(eta):
     result = sample_danrisi(noise, danrisi_sigmas(20, SHIFT), model.velocity, lambda: False, seeds=[seed], eta=eta)
     assert result.dtype == torch.float64
     assert torch.allclose(result, expected, rtol=0, atol=1e-5), (result - expected).abs().max()
+
+
+def test_danrisi_start_noise_is_res4lyfs_initial_noise_per_image():
+    """SharkSampler's init noise: image i of the graph's batch draws with seed + i, like the SDE
+    noise, and is re-centred once more (noise_mean 0)."""
+    noise = danrisi_start_noise([5, 6], (2, 4, 8, 8))
+    for row, seed in enumerate((5, 6)):
+        expected = res4lyf_gaussian(seed, (1, 4, 8, 8))()
+        expected = expected - expected.mean()
+        assert torch.allclose(noise[row:row + 1], expected, rtol=0, atol=1e-12)
+    assert noise.dtype == torch.float64 and not torch.allclose(noise[0], noise[1])
 
 
 def test_danrisi_noise_matters_and_follows_the_seed():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.samplers import danrisi_sigmas, sample_danrisi
+from pipelines.samplers import danrisi_sigmas, danrisi_start_noise, sample_danrisi
 from pipelines.z_image import BatchSpec, ImageItem
 from tests.conftest import assert_regenerates
 
@@ -51,16 +51,18 @@ def test_batched_images_equal_their_single_runs(engine):
 
 def test_danrisi_workflow_runs_the_danrisi_sampler_with_each_images_seed(engine):
     """The engine's danrisi is `sample_danrisi` on `danrisi_sigmas`, with the batch's eta and each
-    image's seed for its SDE noise, on the engine's own start noise and velocity."""
+    image's seed for its SDE noise, from the graph's start noise, on the engine's velocity."""
     items = [ImageItem("a fox", "", 4), ImageItem("a fox", "", 8)]
     spec = BatchSpec(64, 64, 3, 0.0, "z-image-danrisi", eta=0.7)
     ours = engine.generate(items, spec).images
     shift = float(engine.pipe.scheduler.config.get("shift", 3.0))
     with torch.no_grad():
         velocity = engine.velocity_function(engine.encode_prompts(["a fox"] * 2), None, 0.0)
-        latents = sample_danrisi(engine.initial_noise([4, 8], 64, 64), danrisi_sigmas(3, shift), velocity,
+        start = engine.initial_noise([4, 8], 64, 64, "z-image-danrisi")
+        latents = sample_danrisi(start, danrisi_sigmas(3, shift), velocity,
                                  lambda: False, seeds=[4, 8], eta=0.7)
     reference = engine.decode(latents)
+    assert torch.allclose(start, danrisi_start_noise([4, 8], tuple(start.shape)).float())
     for position in range(2):
         assert_regenerates(ours[position], reference[position])
     other_eta = engine.generate(items[:1], BatchSpec(64, 64, 3, 0.0, "z-image-danrisi", eta=0.0)).images[0]
