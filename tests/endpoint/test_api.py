@@ -7,7 +7,8 @@ import time
 import pytest
 
 from endpoint.background import BackgroundEndpoint
-from tests.conftest import EndpointFactory
+from endpoint.loader import LoadedHandler
+from tests.conftest import API_KEY, EndpointFactory
 from tests.endpoint.fake_worker import CONCURRENCY
 from tests.endpoint.http import Api
 
@@ -168,3 +169,82 @@ def test_queue_is_bounded(start_endpoint: EndpointFactory) -> None:
         api.submit({"prompt": "p", "delay_s": 0.5})
     response = api.call("POST", "run", {"input": {"prompt": "p"}})
     assert response.status_code == 429 and "queue full" in response.json()["error"]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # json.loads would raise RecursionError
+    b'{"input": {"prompt": NaN}}',
+    b'{"input": {}, "s3Config": "bucket"}',
+    b'{"input": {}, "s3Config": []}',
+    b"\xff\xfe{}",
+])
+def test_malformed_bodies_are_400(endpoint: BackgroundEndpoint, body: bytes) -> None:
+    response = Api(endpoint).call("POST", "run", data=body)
+    assert response.status_code == 400 and response.json()["error"]
+
+
+def test_huge_execution_timeout_is_clamped(endpoint: BackgroundEndpoint) -> None:
+    body = b'{"input": {"prompt": "p"}, "policy": {"executionTimeout": 1' + b"0" * 400 + b"}}"  # overflows a float
+    response = Api(endpoint).call("POST", "runsync", data=body)
+    assert response.status_code == 200 and response.json()["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize("value", [b"Bearer \xff\xfe", b"Bearer t\xc3\xa9st-key", b"\xe2\x82\xac"])
+def test_non_ascii_authorization_is_401(endpoint: BackgroundEndpoint, value: bytes) -> None:
+    response = Api(endpoint, key=None).call("GET", "health", headers={"Authorization": value})
+    assert response.status_code == 401
+
+
+def test_bare_key_is_accepted_as_runpod_examples_send_it(endpoint: BackgroundEndpoint) -> None:
+    assert Api(endpoint, key=None).call("GET", "health", headers={"Authorization": API_KEY}).status_code == 200
+
+
+def _s3_echo(job: dict) -> dict:
+    return {"s3Config": job.get("s3Config"), "keys": sorted(job)}
+
+
+def test_s3_config_reaches_the_handler_as_runpod_passes_it(start_endpoint: EndpointFactory) -> None:
+    api = Api(start_endpoint(LoadedHandler(_s3_echo, None, "test")))
+    s3 = {"accessId": "a", "accessSecret": "s", "bucketName": "b", "endpointUrl": "https://s3.example.com"}
+    body = api.call("POST", "runsync", {"input": {}, "s3Config": s3}).json()
+    assert body["output"] == {"s3Config": s3, "keys": ["id", "input", "s3Config"]}
+    for absent in ({"input": {}}, {"input": {}, "s3Config": None}):
+        assert api.call("POST", "runsync", absent).json()["output"] == {"s3Config": None, "keys": ["id", "input"]}
+
+
+def test_retry_requeues_a_failed_job_under_its_id_and_input(start_endpoint: EndpointFactory) -> None:
+    runs: list[dict] = []
+
+    def flaky(job: dict) -> dict:
+        runs.append(job)
+        return {"error": "first run fails"} if len(runs) == 1 else {"ok": job["input"]["n"]}
+
+    api = Api(start_endpoint(LoadedHandler(flaky, None, "test")))
+    job_id = api.submit({"n": 7})
+    assert api.wait(job_id)["status"] == "FAILED"
+    assert api.call("POST", f"retry/{job_id}").json() == {"id": job_id, "status": "IN_QUEUE"}
+    final = api.wait(job_id)
+    assert (final["status"], final["output"], "error" in final) == ("COMPLETED", {"ok": 7}, False)
+    assert [run["id"] for run in runs] == [job_id, job_id] and runs[0]["input"] == runs[1]["input"]
+    assert api.call("GET", "health").json()["jobs"]["retried"] == 1
+    done = api.call("POST", f"retry/{job_id}")  # COMPLETED: RunPod retries FAILED and TIMED_OUT only
+    assert done.status_code == 400 and "COMPLETED" in done.json()["error"]
+    assert api.call("POST", "retry/nope").status_code == 404
+
+
+def test_retry_a_timed_out_job(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    body = api.call("POST", "runsync", {"input": {"prompt": "p", "delay_s": 1.0}, "policy": {"executionTimeout": 200}}).json()
+    assert body["status"] == "TIMED_OUT"
+    api.call("POST", f"retry/{body['id']}")
+    assert api.wait(body["id"])["status"] == "TIMED_OUT"  # same input, same policy
+
+
+def test_purge_queue_cancels_queued_jobs_only(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    ids = [api.submit({"prompt": "p", "num_images": 2, "delay_s": 0.5}) for _ in range(CONCURRENCY + 3)]
+    api.wait_for_status(ids[CONCURRENCY - 1], "IN_PROGRESS")
+    assert api.call("POST", "purge-queue").json() == {"removed": 3, "status": "completed"}
+    assert [api.status(job_id)["status"] for job_id in ids[CONCURRENCY:]] == ["CANCELLED"] * 3
+    assert all(api.wait(job_id)["status"] == "COMPLETED" for job_id in ids[:CONCURRENCY])
+    assert api.call("POST", "purge-queue").json() == {"removed": 0, "status": "completed"}
