@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
+from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from endpoint.background import BackgroundEndpoint
 from endpoint.loader import LoadedHandler
@@ -248,3 +252,47 @@ def test_purge_queue_cancels_queued_jobs_only(endpoint: BackgroundEndpoint) -> N
     assert [api.status(job_id)["status"] for job_id in ids[CONCURRENCY:]] == ["CANCELLED"] * 3
     assert all(api.wait(job_id)["status"] == "COMPLETED" for job_id in ids[:CONCURRENCY])
     assert api.call("POST", "purge-queue").json() == {"removed": 0, "status": "completed"}
+
+
+ROUTES = ["run", "runsync", "status/{id}", "stream/{id}", "cancel/{id}", "retry/{id}", "purge-queue", "health"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+top_level = st.fixed_dictionaries({}, optional={
+    "input": json_values, "policy": json_values | st.fixed_dictionaries({"executionTimeout": json_values}),
+    "s3Config": json_values, "webhook": json_values | st.just("http://127.0.0.1:9/hook"),
+})
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    top_level.map(lambda v: json.dumps(v).encode()),
+    st.integers(1, 3000).map(lambda depth: b'{"input": ' + b"[" * depth + b"]" * depth + b"}"),
+)
+header_bytes = st.binary(max_size=40).filter(lambda b: b"\r" not in b and b"\n" not in b)
+
+
+def test_fuzzed_requests_never_get_a_5xx(start_endpoint: EndpointFactory) -> None:
+    """Odd methods, paths, ids, query strings, headers and bodies: always a 2xx-4xx answer."""
+    api = Api(start_endpoint(runsync_wait_bounds_ms=(1000, 1000), cancel_wait_s=0.5))
+    known_id = api.submit({"prompt": ""})
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
+        route=st.sampled_from(ROUTES) | st.text(min_size=1, max_size=30),
+        job_id=st.just(known_id) | st.text(max_size=30),
+        query=st.dictionaries(st.sampled_from(["wait", "ttl", "x"]), st.text(max_size=12), max_size=2),
+        auth=st.just(f"Bearer {API_KEY}".encode()) | header_bytes,
+        content_type=st.none() | header_bytes,
+        body=st.none() | bodies,
+    )
+    def check(method: str, route: str, job_id: str, query: dict, auth: bytes, content_type: bytes | None,
+              body: bytes | None) -> None:
+        headers = {"Authorization": auth} | ({"Content-Type": content_type} if content_type is not None else {})
+        path = route.replace("{id}", quote(job_id, safe="")) if "{id}" in route else quote(route)
+        response = api.call(method, path, headers=headers, params=query, data=body)
+        assert response.status_code < 500, (response.status_code, response.text[:300])
+
+    check()
