@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rp_api_host", default="localhost", help="its host (default %(default)s)")
     args, _ = parser.parse_known_args(argv)
     if args.rp_serve_api:
-        from endpoint.server import serve_module  # only here: the worker image never serves it
+        from endpoint.server import serve_module  # this mode only: the RunPod worker never loads the local server
 
         serve_module(sys.modules[__name__], host=args.rp_api_host, port=args.rp_api_port)
         return 0

@@ -34,7 +34,7 @@ class ServerSettings:
     runsync_wait_ms: int = 90_000
     runsync_wait_bounds_ms: tuple[int, int] = (1_000, 300_000)
     cancel_wait_s: float = 5.0  # how long /cancel waits for a running job to stop
-    webhook: WebhookPolicy = WebhookPolicy()  # RunPod's retries; public targets only unless allowed
+    webhook: WebhookPolicy = field(default_factory=WebhookPolicy)  # RunPod's retries; public targets only
     worker_id: str = field(default_factory=lambda: f"local-{uuid.uuid4().hex[:12]}")
 
 

@@ -17,7 +17,14 @@ from runpod.serverless.modules.rp_handler import is_generator
 from runpod.serverless.modules.rp_job import run_job, run_job_generator
 
 from endpoint.jobs import (
-    CANCELLED, COMPLETED, FAILED, IN_QUEUE, RETRYABLE_STATUSES, TIMED_OUT, JobRecord, JobStore,
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    IN_QUEUE,
+    RETRYABLE_STATUSES,
+    TIMED_OUT,
+    JobRecord,
+    JobStore,
 )
 
 log = logging.getLogger(__name__)

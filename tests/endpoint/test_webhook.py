@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 
 import pytest
 
@@ -24,7 +25,7 @@ def test_final_status_body_is_posted_and_retried_until_200(start_endpoint: Endpo
         assert len(receiver.calls) == 3  # the 200 ended it
     assert all(body == final for _, body in calls)  # the same body /status returns
     assert final["status"] == "COMPLETED" and len(final["output"]) == 3
-    gaps = [later - earlier for (earlier, _), (later, _) in zip(calls, calls[1:])]
+    gaps = [later - earlier for (earlier, _), (later, _) in pairwise(calls)]
     assert all(gap >= 0.3 for gap in gaps), gaps
 
 
@@ -53,7 +54,7 @@ def test_private_targets_are_refused_unless_allowed(
         assert api.wait(job_id)["status"] == "COMPLETED"
         time.sleep(0.3)
         assert receiver.calls == []
-    assert "webhook to %s refused: webhook must point to a public address" % host in caplog.text
+    assert f"webhook to {host} refused: webhook must point to a public address" in caplog.text
 
 
 def test_a_cancelled_job_calls_the_webhook_too(start_endpoint: EndpointFactory) -> None:
