@@ -172,11 +172,9 @@ def test_smoke_benchmark_against_the_real_handler(
     real: BackgroundEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
-    started = time.monotonic()
     rc = cli.main(["--config", str(ROOT / "benchmarks" / "smoke.json"), "--base-url", f"{real.base_url}/local",
                    "--out-dir", str(tmp_path), "--no-progress", "--repetitions", "1"])
     assert rc == 0
-    assert time.monotonic() - started < 60
     [report_path] = tmp_path.glob("*.json")
     report = json.loads(report_path.read_text())
     assert report["capabilities"]["limits"]["num_images"] == [1, 16]
