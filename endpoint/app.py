@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -92,6 +93,14 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    """`1e999` parses to infinity in Python; RunPod's parser refuses a number out of range."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _state(request: web.Request) -> ServerState:
     return request.app[STATE]
 
@@ -113,7 +122,7 @@ async def _read_request(request: web.Request, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise ApiError(413, f"payload too large: {len(raw)} bytes, limit {max_bytes}")
     try:
-        body = json.loads(raw, parse_constant=_refuse_constant)  # NaN and Infinity are not JSON
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError:
         raise ApiError(400, "request body is not valid JSON") from None
     except RecursionError:

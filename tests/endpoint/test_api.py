@@ -178,6 +178,8 @@ def test_queue_is_bounded(start_endpoint: EndpointFactory) -> None:
 @pytest.mark.parametrize("body", [
     b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # json.loads would raise RecursionError
     b'{"input": {"prompt": NaN}}',
+    b'{"input": {"steps": 1e999}}',  # a float out of range: Python would make it infinity
+    b'{"input": {"seed": 1' + b"0" * 5000 + b"}}",  # an integer longer than Python parses
     b'{"input": {}, "s3Config": "bucket"}',
     b'{"input": {}, "s3Config": []}',
     b"\xff\xfe{}",
