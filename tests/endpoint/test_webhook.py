@@ -44,7 +44,7 @@ def test_gives_up_after_three_attempts_and_a_hung_receiver_holds_no_job(start_en
     assert receiver.calls[0][1]["error"] == "invalid_input: prompt: required non-empty string"
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"])
 def test_private_targets_are_refused_unless_allowed(
     start_endpoint: EndpointFactory, host: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -55,7 +55,7 @@ def test_private_targets_are_refused_unless_allowed(
         assert api.wait(job_id)["status"] == "COMPLETED"
         time.sleep(0.3)
         assert receiver.calls == []
-    assert f"webhook to {host} refused: webhook must point to a public address" in caplog.text
+    assert f"webhook to {host.strip('[]')} refused: webhook must point to a public address" in caplog.text
 
 
 def test_a_cancelled_job_calls_the_webhook_too(start_endpoint: EndpointFactory) -> None:
