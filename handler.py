@@ -3,6 +3,8 @@
     python handler.py                       # on RunPod: the worker loop
     python handler.py --test_input '{"input": {"prompt": "..."}}'   # one local job
     python handler.py                       # locally, with test_input.json in the folder
+    python handler.py --rp_serve_api [--rp_api_port 8000] [--rp_api_host localhost]
+                                            # the local RunPod endpoint API (docs/ENDPOINT.md)
 
 Everything but the wiring lives in `serving/` (see docs/ARCHITECTURE.md).
 """
@@ -27,7 +29,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, AsyncIterator  # noqa: E402
+from typing import Any, AsyncIterator, Callable  # noqa: E402
 
 import runpod.serverless  # noqa: E402
 
@@ -41,7 +43,6 @@ STARTUP.record("imports", (time.perf_counter() - IMPORTS_STARTED) * 1000)
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-SDK_PROGRESS_MODULE = "runpod.serverless.modules.rp_progress"
 CONFIG: dict[str, Any] = {}
 
 
@@ -61,15 +62,19 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
 
 
 def report_progress(job: dict[str, Any], payload: dict[str, Any]) -> None:
-    """`completed/total` for /status while a job runs, through RunPod's progress_update, looked up
-    per call: on RunPod it posts to the platform; the local endpoint swaps in a router that records
-    it (docs/ENDPOINT.md). Elsewhere the SDK's original would only post to nowhere, so skip it."""
-    publish = runpod.serverless.progress_update
-    if _on_runpod() or publish.__module__ != SDK_PROGRESS_MODULE:
-        publish(job, payload)
+    """`completed/total` for /status while a job runs: on RunPod the SDK posts it to the platform.
+    Elsewhere the SDK would only post to nowhere, so nothing is sent unless a local server set
+    its own sink (`set_progress_sink`)."""
+    if _on_runpod():
+        runpod.serverless.progress_update(job, payload)
 
 
 WORKER.progress_sink = report_progress
+
+
+def set_progress_sink(sink: Callable[[dict[str, Any], Any], None]) -> None:
+    """Where progress goes instead: the local endpoint (endpoint/loader.py) passes its router."""
+    WORKER.progress_sink = sink
 
 
 def concurrency_modifier(current: int) -> int:
@@ -85,7 +90,15 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--test_input", help="a job as JSON, e.g. '{\"input\": {\"prompt\": \"...\"}}'")
     parser.add_argument("--output_dir", default="outputs", help="where a local run saves its images")
+    parser.add_argument("--rp_serve_api", action="store_true", help="serve the local RunPod endpoint API")
+    parser.add_argument("--rp_api_port", type=int, default=8000, help="its port (default %(default)s)")
+    parser.add_argument("--rp_api_host", default="localhost", help="its host (default %(default)s)")
     args, _ = parser.parse_known_args(argv)
+    if args.rp_serve_api:
+        from endpoint.server import serve_module  # this mode only: the RunPod worker never loads the local server
+
+        serve_module(sys.modules[__name__], host=args.rp_api_host, port=args.rp_api_port)
+        return 0
     if args.test_input is None and (_on_runpod() or not Path("test_input.json").is_file()):
         CONFIG.update(handler=handler, concurrency_modifier=concurrency_modifier, return_aggregate_stream=True)
         runpod.serverless.start(CONFIG)

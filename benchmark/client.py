@@ -1,13 +1,16 @@
-"""A polite async client for the RunPod endpoint HTTP API: timeouts, bounded retries, backoff."""
+"""A polite async client for the RunPod endpoint HTTP API: timeouts, bounded retries, backoff.
+
+Retries are aiohttp-retry's: 429 and 5xx gateway statuses and transport errors, with exponential
+backoff; anything else (a 400, a 404) is an answer, not a reason to try again.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import random
 import time
 from typing import Any
 
 import aiohttp
+from aiohttp_retry import ExponentialRetry, RetryClient
 
 RUNPOD_API_BASE = "https://api.runpod.ai/v2"
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -23,7 +26,10 @@ class EndpointError(Exception):
 
 
 class EndpointClient:
-    """One endpoint (`base_url` ends with the endpoint id); use as `async with`."""
+    """One endpoint (`base_url` ends with the endpoint id); use as `async with`.
+
+    Each attempt has `request_timeout_s`; waits between attempts are `backoff_s`, doubling, at
+    most `max_backoff_s`."""
 
     def __init__(
         self,
@@ -37,47 +43,37 @@ class EndpointClient:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
-        self._max_retries = max_retries
-        self._backoff_s = backoff_s
-        self._max_backoff_s = max_backoff_s
-        self._session: aiohttp.ClientSession | None = None
+        self._retry = ExponentialRetry(
+            attempts=max_retries + 1,
+            start_timeout=backoff_s / 2,  # the library waits start * 2**attempt, from attempt 1
+            max_timeout=max_backoff_s,
+            statuses=set(RETRY_STATUSES),
+            exceptions={aiohttp.ClientError, TimeoutError},
+            retry_all_server_errors=False,
+        )
+        self._client: RetryClient | None = None
 
     async def __aenter__(self) -> EndpointClient:
-        self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        self._client = RetryClient(client_session=session, retry_options=self._retry)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-    def _delay(self, attempt: int, retry_after: str | None) -> float:
-        if retry_after is not None:
-            try:
-                return min(float(retry_after), self._max_backoff_s)
-            except ValueError:
-                pass
-        return min(self._backoff_s * 2**attempt, self._max_backoff_s) * random.uniform(0.5, 1.0)
+        if self._client is not None:
+            await self._client.close()
 
     async def request(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        """JSON in, JSON out; retries 429/5xx and transport errors with exponential backoff."""
-        assert self._session is not None, "use EndpointClient as an async context manager"
-        url = f"{self.base_url}/{path}"
-        for attempt in range(self._max_retries + 1):
-            last = attempt == self._max_retries
-            try:
-                async with self._session.request(method, url, json=body) as response:
-                    if response.status in RETRY_STATUSES and not last:
-                        await asyncio.sleep(self._delay(attempt, response.headers.get("Retry-After")))
-                        continue
-                    if response.status >= 400:
-                        text = (await response.text())[:MAX_ERROR_CHARS]
-                        raise EndpointError(f"{method} {path.split('/')[0]}: HTTP {response.status}: {text}", response.status)
-                    return await response.json()
-            except (aiohttp.ClientError, TimeoutError) as err:
-                if last:
-                    raise EndpointError(f"{method} {path.split('/')[0]}: {type(err).__name__}: {err}") from err
-                await asyncio.sleep(self._delay(attempt, None))
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        """JSON in, JSON out; an EndpointError once retries are spent or the answer is an error."""
+        assert self._client is not None, "use EndpointClient as an async context manager"
+        route = path.split("/")[0]
+        try:
+            async with self._client.request(method, f"{self.base_url}/{path}", json=body) as response:
+                if response.status >= 400:
+                    text = (await response.text())[:MAX_ERROR_CHARS]
+                    raise EndpointError(f"{method} {route}: HTTP {response.status}: {text}", response.status)
+                return await response.json()
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise EndpointError(f"{method} {route}: {type(err).__name__}: {err}") from err
 
     async def run(self, job_input: dict[str, Any]) -> str:
         return (await self.request("POST", "run", {"input": job_input}))["id"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -14,7 +15,8 @@ from aiohttp import web
 from endpoint import progress
 from endpoint.jobs import IN_PROGRESS, IN_QUEUE, JobRecord, JobStore
 from endpoint.loader import LoadedHandler
-from endpoint.runner import JobRunner
+from endpoint.runner import JobRunner, NotRetryable
+from endpoint.webhook import WebhookPolicy, WebhookSender, check_webhook_url
 
 MB = 1_000_000
 
@@ -33,6 +35,7 @@ class ServerSettings:
     runsync_wait_ms: int = 90_000
     runsync_wait_bounds_ms: tuple[int, int] = (1_000, 300_000)
     cancel_wait_s: float = 5.0  # how long /cancel waits for a running job to stop
+    webhook: WebhookPolicy = field(default_factory=WebhookPolicy)  # RunPod's retries; public targets only
     worker_id: str = field(default_factory=lambda: f"local-{uuid.uuid4().hex[:12]}")
 
 
@@ -41,6 +44,7 @@ class ServerState:
     settings: ServerSettings
     store: JobStore
     runner: JobRunner
+    webhooks: WebhookSender
 
 
 STATE = web.AppKey("state", ServerState)
@@ -64,16 +68,37 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def _auth_middleware(api_key: str | None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key is not None:
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return _error(401, "Unauthorized")
+        if api_key is not None and not _authorized(request, api_key.encode()):
+            return _error(401, "Unauthorized")
         try:
             return await handler(request)
         except ApiError as err:
             return _error(err.status, str(err))
 
     return middleware
+
+
+def _authorized(request: web.Request, key: bytes) -> bool:
+    """`Authorization: Bearer <key>` (or the bare key, as RunPod's curl examples send it), compared
+    as bytes in constant time; a header that is not text (undecodable bytes) is simply wrong."""
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    try:
+        raw = given.encode("utf-8", "surrogateescape")  # aiohttp keeps undecodable bytes as surrogates
+    except UnicodeEncodeError:
+        return False
+    return hmac.compare_digest(raw, key)
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    """`1e999` parses to infinity in Python; RunPod's parser refuses a number out of range."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
 
 
 def _state(request: web.Request) -> ServerState:
@@ -97,12 +122,30 @@ async def _read_request(request: web.Request, max_bytes: int) -> dict[str, Any]:
     if len(raw) > max_bytes:
         raise ApiError(413, f"payload too large: {len(raw)} bytes, limit {max_bytes}")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except ValueError:
         raise ApiError(400, "request body is not valid JSON") from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict) or "input" not in body:
         raise ApiError(400, "request body must be a JSON object with an 'input' field")
     return body
+
+
+def _s3_config(body: dict[str, Any]) -> dict[str, Any] | None:
+    """RunPod passes `s3Config` to the worker as it came; it only has to be an object (the worker
+    checks its fields)."""
+    value = body.get("s3Config")
+    if value is not None and not isinstance(value, dict):
+        raise ApiError(400, "s3Config must be an object")
+    return value
+
+
+def _webhook(body: dict[str, Any]) -> str | None:
+    try:
+        return check_webhook_url(body.get("webhook"))
+    except ValueError as err:
+        raise ApiError(400, str(err)) from None
 
 
 def _execution_timeout_s(body: dict[str, Any], settings: ServerSettings) -> float:
@@ -114,7 +157,7 @@ def _execution_timeout_s(body: dict[str, Any], settings: ServerSettings) -> floa
         return settings.execution_timeout_s
     if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, int) or timeout_ms <= 0:
         raise ApiError(400, "policy.executionTimeout must be a positive integer (ms)")
-    return min(timeout_ms / 1000, settings.max_execution_timeout_s)
+    return min(timeout_ms, int(settings.max_execution_timeout_s * 1000)) / 1000  # huge ints overflow a float
 
 
 async def _submit(request: web.Request, max_bytes: int) -> JobRecord:
@@ -122,7 +165,12 @@ async def _submit(request: web.Request, max_bytes: int) -> JobRecord:
     body = await _read_request(request, max_bytes)
     if state.runner.queued >= state.settings.max_queued:
         raise ApiError(429, f"queue full ({state.settings.max_queued} jobs)")
-    record = JobRecord(input=body["input"], execution_timeout_s=_execution_timeout_s(body, state.settings))
+    record = JobRecord(
+        input=body["input"],
+        execution_timeout_s=_execution_timeout_s(body, state.settings),
+        s3_config=_s3_config(body),
+        webhook=_webhook(body),
+    )
     state.runner.submit(record)
     return record
 
@@ -182,6 +230,22 @@ async def cancel(request: web.Request) -> web.Response:
     return web.json_response({"id": record.id, "status": record.status})
 
 
+async def retry(request: web.Request) -> web.Response:
+    state = _state(request)
+    record = _record(request)
+    if state.runner.queued >= state.settings.max_queued:
+        raise ApiError(429, f"queue full ({state.settings.max_queued} jobs)")
+    try:
+        state.runner.retry(record)
+    except NotRetryable as err:
+        raise ApiError(400, str(err)) from None
+    return web.json_response({"id": record.id, "status": record.status})
+
+
+async def purge_queue(request: web.Request) -> web.Response:
+    return web.json_response({"removed": _state(request).runner.purge(), "status": "completed"})
+
+
 async def health(request: web.Request) -> web.Response:
     state = _state(request)
     runner = state.runner
@@ -195,7 +259,7 @@ async def health(request: web.Request) -> web.Response:
                 "failed": counters["failed"] + counters["timedOut"],
                 "inProgress": runner.running,
                 "inQueue": runner.queued,
-                "retried": 0,
+                "retried": counters["retried"],
             },
             "workers": {"idle": 1 - busy, "running": busy},
         }
@@ -213,14 +277,22 @@ def create_app(loaded: LoadedHandler, settings: ServerSettings | None = None) ->
 
     async def startup(app: web.Application) -> None:
         store = JobStore(settings.retention_s)
-        runner = JobRunner(loaded.handler, store, loaded.concurrency_modifier)
+        webhooks = WebhookSender(settings.webhook)
+        await webhooks.start()
+
+        def on_final(record: JobRecord) -> None:
+            if record.webhook is not None:
+                webhooks.send(record.id, record.webhook, status_body(record, settings.worker_id))
+
+        runner = JobRunner(loaded.handler, store, loaded.concurrency_modifier, on_final)
         runner.start()
-        app[STATE] = ServerState(settings=settings, store=store, runner=runner)
+        app[STATE] = ServerState(settings=settings, store=store, runner=runner, webhooks=webhooks)
         progress.register(hook_name, asyncio.get_running_loop(), store.get)
 
     async def cleanup(app: web.Application) -> None:
         progress.unregister(hook_name)
         await app[STATE].runner.stop()
+        await app[STATE].webhooks.close()
 
     app.on_startup.append(startup)
     app.on_cleanup.append(cleanup)
@@ -231,5 +303,7 @@ def create_app(loaded: LoadedHandler, settings: ServerSettings | None = None) ->
         app.router.add_route(method, f"{prefix}/status/{{job_id}}", status)
         app.router.add_route(method, f"{prefix}/stream/{{job_id}}", stream)
     app.router.add_post(f"{prefix}/cancel/{{job_id}}", cancel)
+    app.router.add_post(f"{prefix}/retry/{{job_id}}", retry)
+    app.router.add_post(f"{prefix}/purge-queue", purge_queue)
     app.router.add_get(f"{prefix}/health", health)
     return app

@@ -15,6 +15,7 @@ FAILED = "FAILED"
 CANCELLED = "CANCELLED"
 TIMED_OUT = "TIMED_OUT"
 FINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED, TIMED_OUT})
+RETRYABLE_STATUSES = frozenset({FAILED, TIMED_OUT})  # RunPod's /retry takes only these
 
 
 def _ms(seconds: float) -> int:
@@ -23,10 +24,15 @@ def _ms(seconds: float) -> int:
 
 @dataclass
 class JobRecord:
-    """One request: its input, lifecycle timestamps, undelivered stream chunks and result."""
+    """One request: its input, lifecycle timestamps, undelivered stream chunks and result.
+
+    `s3_config` goes to the handler as `job["s3Config"]` and never into a response; `webhook`
+    receives the final /status body."""
 
     input: Any
     execution_timeout_s: float
+    s3_config: dict[str, Any] | None = None
+    webhook: str | None = None
     id: str = field(default_factory=lambda: f"{uuid.uuid4()}-local")
     status: str = IN_QUEUE
     submitted_at: float = field(default_factory=time.monotonic)
@@ -61,6 +67,16 @@ class JobRecord:
         self.error = error
         self.finished_at = time.monotonic()
         self.done.set()
+
+    def requeue(self) -> None:
+        """Back to IN_QUEUE under the same id and input, the previous result gone (RunPod's /retry)."""
+        self.status = IN_QUEUE
+        self.submitted_at = time.monotonic()
+        self.started_at = self.finished_at = None
+        self.output = self.error = self.progress = None
+        self.pending_stream = []
+        self.done = asyncio.Event()
+        self.task = None
 
     def take_stream(self) -> list[Any]:
         """Chunks produced since the previous call (what /stream returns)."""

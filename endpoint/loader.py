@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Callable
 
 from runpod.serverless.modules.rp_logger import LOG_LEVELS, RunPodLogger
@@ -37,12 +38,22 @@ def load_handler(spec: str = DEFAULT_HANDLER) -> LoadedHandler:
     if not module_name or not attr:
         raise ValueError(f"handler must look like module:attr, got {spec!r}")
     quiet_sdk_logs()
-    progress.install()  # before the import, so `from runpod.serverless import progress_update` binds ours
-    module = importlib.import_module(module_name)
+    return from_module(importlib.import_module(module_name), attr)
+
+
+def from_module(module: ModuleType, attr: str = "handler") -> LoadedHandler:
+    """Serve `module.attr` (an already imported module: `python handler.py --rp_serve_api` is
+    `__main__`, and importing it again would load the model twice). A module-level
+    `concurrency_modifier` sets the job concurrency; `set_progress_sink(sink)`, if defined, is
+    given the server's progress router (endpoint/progress.py)."""
+    spec = f"{module.__name__}:{attr}"
     handler = getattr(module, attr)
     if not callable(handler):
         raise TypeError(f"{spec} is not callable")
-    if progress.is_bound_to_sdk(vars(module)):
-        log.warning("%s was imported before the progress hook: its progress will not reach /status", module_name)
+    set_sink = getattr(module, "set_progress_sink", None)
+    if callable(set_sink):
+        set_sink(progress.route)
+    else:
+        log.info("%s has no set_progress_sink: its progress will not reach /status", module.__name__)
     modifier = getattr(module, "concurrency_modifier", None)
     return LoadedHandler(handler=handler, concurrency_modifier=modifier if callable(modifier) else None, spec=spec)

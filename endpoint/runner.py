@@ -16,7 +16,16 @@ from typing import Any, Callable
 from runpod.serverless.modules.rp_handler import is_generator
 from runpod.serverless.modules.rp_job import run_job, run_job_generator
 
-from endpoint.jobs import CANCELLED, COMPLETED, FAILED, IN_QUEUE, TIMED_OUT, JobRecord, JobStore
+from endpoint.jobs import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    IN_QUEUE,
+    RETRYABLE_STATUSES,
+    TIMED_OUT,
+    JobRecord,
+    JobStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +33,11 @@ log = logging.getLogger(__name__)
 STREAM_CHUNK_LIMIT_BYTES = 1_000_000
 
 ConcurrencyModifier = Callable[[int], int]
+FinalHook = Callable[[JobRecord], None]
+
+
+class NotRetryable(Exception):
+    """/retry on a job that is not FAILED or TIMED_OUT."""
 
 
 def _default_concurrency_modifier(current: int) -> int:
@@ -38,12 +52,14 @@ class JobRunner:
         handler: Callable[..., Any],
         store: JobStore,
         concurrency_modifier: ConcurrencyModifier | None = None,
+        on_final: FinalHook | None = None,
     ) -> None:
         self.handler = handler
         self.store = store
         self.concurrency_modifier = concurrency_modifier or _default_concurrency_modifier
+        self.on_final = on_final  # called once per terminal state, on the loop; must not block
         self.concurrency = 1  # the SDK starts at 1 and asks the modifier from there
-        self.counters = {"completed": 0, "failed": 0, "cancelled": 0, "timedOut": 0}
+        self.counters = {"completed": 0, "failed": 0, "cancelled": 0, "timedOut": 0, "retried": 0}
         self._queue: deque[JobRecord] = deque()
         self._running: dict[str, JobRecord] = {}
         self._wakeup = asyncio.Event()
@@ -73,6 +89,22 @@ class JobRunner:
         self.store.add(record)
         self._queue.append(record)
         self._wakeup.set()
+
+    def retry(self, record: JobRecord) -> None:
+        """Queue a FAILED or TIMED_OUT job again under its id and input; anything else raises."""
+        if record.status not in RETRYABLE_STATUSES:
+            raise NotRetryable(f"only FAILED or TIMED_OUT jobs can be retried, this one is {record.status}")
+        record.requeue()
+        self.counters["retried"] += 1
+        self._queue.append(record)
+        self._wakeup.set()
+
+    def purge(self) -> int:
+        """Cancel every queued job (running ones go on); how many there were."""
+        queued, self._queue = list(self._queue), deque()
+        for record in queued:
+            self._finish(record, CANCELLED)
+        return len(queued)
 
     def cancel(self, record: JobRecord) -> None:
         """Queued: never starts. Running: its task is cancelled, as the SDK does on a stop signal."""
@@ -122,6 +154,8 @@ class JobRunner:
     async def _run_handler(self, record: JobRecord) -> dict[str, Any]:
         """The result the SDK would post to job-done: `{"output": ...}` or `{"error": ...}`."""
         job = {"id": record.id, "input": record.input}
+        if record.s3_config is not None:
+            job["s3Config"] = record.s3_config  # what RunPod hands the worker
         if not is_generator(self.handler):
             return await run_job(self.handler, job)
         aggregate: list[Any] = []
@@ -151,3 +185,5 @@ class JobRunner:
         record.finish(status, output=output, error=error)
         key = {COMPLETED: "completed", FAILED: "failed", CANCELLED: "cancelled", TIMED_OUT: "timedOut"}[status]
         self.counters[key] += 1
+        if self.on_final is not None:
+            self.on_final(record)

@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -122,15 +124,12 @@ def summarize(passes: list[dict[str, tuple[float, list[dict[str, Any]]]]]) -> di
 
 
 def busy_cpu_s() -> tuple[float, float]:
-    """(CPU seconds the whole machine was busy, CPU seconds this process used) so far; the machine
-    figure is 0 where /proc/stat is missing. Their growth apart = other processes competing."""
-    own = os.times().user + os.times().system
-    stat = Path("/proc/stat")
-    if not stat.exists():
-        return 0.0, own
-    fields = [int(x) for x in stat.read_text().splitlines()[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK"), own
+    """(CPU seconds the whole machine was busy, CPU seconds this process used) so far.
+    Their growth apart = other processes competing."""
+    machine = psutil.cpu_times()
+    idle = machine.idle + getattr(machine, "iowait", 0.0)  # iowait exists on Linux only
+    own = psutil.Process().cpu_times()
+    return sum(machine) - idle, own.user + own.system
 
 
 def machine_info(handler) -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from typing import Any
 
 import pytest
@@ -51,3 +53,19 @@ def test_gives_up_after_max_retries() -> None:
 def test_client_errors_are_not_retried() -> None:
     result, seen = asyncio.run(_with_server([400], lambda c: c.run({"prompt": "p"})))
     assert isinstance(result, EndpointError) and result.status == 400 and seen == 1
+
+
+def test_transport_errors_are_retried_then_reported() -> None:
+    async def call() -> tuple[EndpointError, float]:
+        with socket.socket() as sock:  # a port nothing listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        started = time.monotonic()
+        async with EndpointClient(f"http://127.0.0.1:{port}/v2/e", "k", max_retries=2, backoff_s=0.1) as client:
+            with pytest.raises(EndpointError) as raised:
+                await client.health()
+        return raised.value, time.monotonic() - started
+
+    error, took = asyncio.run(call())
+    assert error.status is None and "ClientConnectorError" in str(error)
+    assert took >= 0.1 + 0.2  # two waits, doubling: the attempts were made

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any, AsyncIterator
-
-import runpod.serverless
+from typing import Any, AsyncIterator, Callable
 
 CONCURRENCY = 4
 DEFAULT_DELAY_S = 0.02
@@ -56,8 +54,24 @@ CAPABILITIES: dict[str, Any] = {
 }
 
 
+ProgressSink = Callable[[dict[str, Any], Any], None]
+
+
+def _no_progress(job: dict[str, Any], payload: Any) -> None:
+    """Until the endpoint sets its sink there is nowhere to report to."""
+
+
+_progress_sink: ProgressSink = _no_progress
+
+
 def concurrency_modifier(current: int) -> int:
     return CONCURRENCY
+
+
+def set_progress_sink(sink: ProgressSink) -> None:
+    """The endpoint's progress hook, as handler.py offers it."""
+    global _progress_sink
+    _progress_sink = sink
 
 
 def _invalid(inp: Any) -> str | None:
@@ -98,7 +112,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if inp.get("fault") == "raise" and index == 1:
             raise RuntimeError("fixture fault")
         progress = {"completed": index + 1, "total": total}
-        runpod.serverless.progress_update(job, progress)
+        _progress_sink(job, progress)
         if inp.get("fault") == "image_error" and index == 0:
             yield {"image_error": {"index": index, "seed": seed + index, "code": "fixture", "message": "injected"}, "progress": progress}
             continue

@@ -18,8 +18,10 @@ class Api:
         self.base = f"{server.base_url}/{ENDPOINT_ID}"
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
-    def call(self, method: str, path: str, body: Any = None, **kwargs: Any) -> requests.Response:
-        return requests.request(method, f"{self.base}/{path}", json=body, headers=self.headers, timeout=10, **kwargs)
+    def call(self, method: str, path: str, body: Any = None, headers: dict[str, Any] | None = None,
+             **kwargs: Any) -> requests.Response:
+        return requests.request(method, f"{self.base}/{path}", json=body, headers={**self.headers, **(headers or {})},
+                                timeout=10, **kwargs)
 
     def submit(self, job_input: Any, **extra: Any) -> str:
         response = self.call("POST", "run", {"input": job_input, **extra})

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
+from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from endpoint.background import BackgroundEndpoint
-from tests.conftest import EndpointFactory
+from endpoint.loader import LoadedHandler
+from tests.conftest import API_KEY, EndpointFactory
 from tests.endpoint.fake_worker import CONCURRENCY
 from tests.endpoint.http import Api
 
@@ -168,3 +174,129 @@ def test_queue_is_bounded(start_endpoint: EndpointFactory) -> None:
         api.submit({"prompt": "p", "delay_s": 0.5})
     response = api.call("POST", "run", {"input": {"prompt": "p"}})
     assert response.status_code == 429 and "queue full" in response.json()["error"]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # json.loads would raise RecursionError
+    b'{"input": {"prompt": NaN}}',
+    b'{"input": {"steps": 1e999}}',  # a float out of range: Python would make it infinity
+    b'{"input": {"seed": 1' + b"0" * 5000 + b"}}",  # an integer longer than Python parses
+    b'{"input": {}, "s3Config": "bucket"}',
+    b'{"input": {}, "s3Config": []}',
+    b"\xff\xfe{}",
+])
+def test_malformed_bodies_are_400(endpoint: BackgroundEndpoint, body: bytes) -> None:
+    response = Api(endpoint).call("POST", "run", data=body)
+    assert response.status_code == 400 and response.json()["error"]
+
+
+def test_huge_execution_timeout_is_clamped(endpoint: BackgroundEndpoint) -> None:
+    body = b'{"input": {"prompt": "p"}, "policy": {"executionTimeout": 1' + b"0" * 400 + b"}}"  # overflows a float
+    response = Api(endpoint).call("POST", "runsync", data=body)
+    assert response.status_code == 200 and response.json()["status"] == "COMPLETED"
+
+
+@pytest.mark.parametrize("value", [b"Bearer \xff\xfe", b"Bearer t\xc3\xa9st-key", b"\xe2\x82\xac"])
+def test_non_ascii_authorization_is_401(endpoint: BackgroundEndpoint, value: bytes) -> None:
+    response = Api(endpoint, key=None).call("GET", "health", headers={"Authorization": value})
+    assert response.status_code == 401
+
+
+def test_bare_key_is_accepted_as_runpod_examples_send_it(endpoint: BackgroundEndpoint) -> None:
+    assert Api(endpoint, key=None).call("GET", "health", headers={"Authorization": API_KEY}).status_code == 200
+
+
+def _s3_echo(job: dict) -> dict:
+    return {"s3Config": job.get("s3Config"), "keys": sorted(job)}
+
+
+def test_s3_config_reaches_the_handler_as_runpod_passes_it(start_endpoint: EndpointFactory) -> None:
+    api = Api(start_endpoint(LoadedHandler(_s3_echo, None, "test")))
+    s3 = {"accessId": "a", "accessSecret": "s", "bucketName": "b", "endpointUrl": "https://s3.example.com"}
+    body = api.call("POST", "runsync", {"input": {}, "s3Config": s3}).json()
+    assert body["output"] == {"s3Config": s3, "keys": ["id", "input", "s3Config"]}
+    for absent in ({"input": {}}, {"input": {}, "s3Config": None}):
+        assert api.call("POST", "runsync", absent).json()["output"] == {"s3Config": None, "keys": ["id", "input"]}
+
+
+def test_retry_requeues_a_failed_job_under_its_id_and_input(start_endpoint: EndpointFactory) -> None:
+    runs: list[dict] = []
+
+    def flaky(job: dict) -> dict:
+        runs.append(job)
+        return {"error": "first run fails"} if len(runs) == 1 else {"ok": job["input"]["n"]}
+
+    api = Api(start_endpoint(LoadedHandler(flaky, None, "test")))
+    job_id = api.submit({"n": 7})
+    assert api.wait(job_id)["status"] == "FAILED"
+    assert api.call("POST", f"retry/{job_id}").json() == {"id": job_id, "status": "IN_QUEUE"}
+    final = api.wait(job_id)
+    assert (final["status"], final["output"], "error" in final) == ("COMPLETED", {"ok": 7}, False)
+    assert [run["id"] for run in runs] == [job_id, job_id] and runs[0]["input"] == runs[1]["input"]
+    assert api.call("GET", "health").json()["jobs"]["retried"] == 1
+    done = api.call("POST", f"retry/{job_id}")  # COMPLETED: RunPod retries FAILED and TIMED_OUT only
+    assert done.status_code == 400 and "COMPLETED" in done.json()["error"]
+    assert api.call("POST", "retry/nope").status_code == 404
+
+
+def test_retry_a_timed_out_job(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    body = api.call("POST", "runsync", {"input": {"prompt": "p", "delay_s": 1.0}, "policy": {"executionTimeout": 200}}).json()
+    assert body["status"] == "TIMED_OUT"
+    api.call("POST", f"retry/{body['id']}")
+    assert api.wait(body["id"])["status"] == "TIMED_OUT"  # same input, same policy
+
+
+def test_purge_queue_cancels_queued_jobs_only(endpoint: BackgroundEndpoint) -> None:
+    api = Api(endpoint)
+    ids = [api.submit({"prompt": "p", "num_images": 2, "delay_s": 0.5}) for _ in range(CONCURRENCY + 3)]
+    api.wait_for_status(ids[CONCURRENCY - 1], "IN_PROGRESS")
+    assert api.call("POST", "purge-queue").json() == {"removed": 3, "status": "completed"}
+    assert [api.status(job_id)["status"] for job_id in ids[CONCURRENCY:]] == ["CANCELLED"] * 3
+    assert all(api.wait(job_id)["status"] == "COMPLETED" for job_id in ids[:CONCURRENCY])
+    assert api.call("POST", "purge-queue").json() == {"removed": 0, "status": "completed"}
+
+
+ROUTES = ["run", "runsync", "status/{id}", "stream/{id}", "cancel/{id}", "retry/{id}", "purge-queue", "health"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+top_level = st.fixed_dictionaries({}, optional={
+    "input": json_values, "policy": json_values | st.fixed_dictionaries({"executionTimeout": json_values}),
+    "s3Config": json_values, "webhook": json_values | st.just("http://127.0.0.1:9/hook"),
+})
+bodies = st.one_of(
+    st.binary(max_size=200),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    top_level.map(lambda v: json.dumps(v).encode()),
+    st.integers(1, 3000).map(lambda depth: b'{"input": ' + b"[" * depth + b"]" * depth + b"}"),
+)
+# what a client can send at all: no CR/LF, no leading whitespace (requests refuses those itself)
+header_bytes = st.binary(max_size=40).filter(lambda b: re.fullmatch(rb"(\S[^\r\n]*)?", b) is not None)
+
+
+def test_fuzzed_requests_never_get_a_5xx(start_endpoint: EndpointFactory) -> None:
+    """Odd methods, paths, ids, query strings, headers and bodies: always a 2xx-4xx answer."""
+    api = Api(start_endpoint(runsync_wait_bounds_ms=(1000, 1000), cancel_wait_s=0.5))
+    known_id = api.submit({"prompt": ""})
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
+        route=st.sampled_from(ROUTES) | st.text(min_size=1, max_size=30),
+        job_id=st.just(known_id) | st.text(max_size=30),
+        query=st.dictionaries(st.sampled_from(["wait", "ttl", "x"]), st.text(max_size=12), max_size=2),
+        auth=st.just(f"Bearer {API_KEY}".encode()) | header_bytes,
+        content_type=st.none() | header_bytes,
+        body=st.none() | bodies,
+    )
+    def check(method: str, route: str, job_id: str, query: dict, auth: bytes, content_type: bytes | None,
+              body: bytes | None) -> None:
+        headers = {"Authorization": auth} | ({"Content-Type": content_type} if content_type is not None else {})
+        path = route.replace("{id}", quote(job_id, safe="")) if "{id}" in route else quote(route)
+        response = api.call(method, path, headers=headers, params=query, data=body)
+        assert response.status_code < 500, (response.status_code, response.text[:300])
+
+    check()

@@ -50,16 +50,21 @@ def test_plain_handler_exception_fails_with_sdk_error_info(start_endpoint: Endpo
     assert '"error_message": "boom"' in body["error"]
 
 
-def test_progress_reaches_status_when_the_handler_imports_the_name(
+def test_progress_reaches_status_through_the_injected_sink(
     start_endpoint: EndpointFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "progress_worker.py").write_text(textwrap.dedent("""
         import asyncio, threading
-        from runpod.serverless import progress_update
+
+        sink = None
+
+        def set_progress_sink(new_sink):
+            global sink
+            sink = new_sink
 
         async def handler(job):
             # from a thread, as a GPU worker thread would
-            threading.Thread(target=progress_update, args=(job, {"step": 3})).start()
+            threading.Thread(target=sink, args=(job, {"step": 3})).start()
             await asyncio.sleep(1.0)
             return "done"
     """))

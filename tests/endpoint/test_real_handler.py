@@ -92,11 +92,11 @@ def test_official_client_run_sync_and_run_status_stream_output(client: runpod.En
 
 def test_stream_is_live_and_progress_has_the_real_total(real: BackgroundEndpoint, one_image_batches: None) -> None:
     api = Api(real)
-    job_id = api.submit({**JOB, "steps": 20})
+    job_id = api.submit({**JOB, "steps": 8})
     streamed: list[dict[str, Any]] = []
     live_images = 0  # image chunks handed out by /stream while the job still ran
     progress: list[Any] = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # a hang guard: a shared 2-core CPU may take minutes
     while True:
         status = api.status(job_id)
         if status["status"] == "IN_PROGRESS" and "output" in status:
@@ -172,11 +172,9 @@ def test_smoke_benchmark_against_the_real_handler(
     real: BackgroundEndpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("RUNPOD_API_KEY", API_KEY)
-    started = time.monotonic()
     rc = cli.main(["--config", str(ROOT / "benchmarks" / "smoke.json"), "--base-url", f"{real.base_url}/local",
                    "--out-dir", str(tmp_path), "--no-progress", "--repetitions", "1"])
     assert rc == 0
-    assert time.monotonic() - started < 60
     [report_path] = tmp_path.glob("*.json")
     report = json.loads(report_path.read_text())
     assert report["capabilities"]["limits"]["num_images"] == [1, 16]
@@ -211,3 +209,12 @@ def test_load_test_script_against_the_real_handler(handler_module: Any, capsys: 
     assert counts["bad_failed_cleanly"] == 3
     assert counts["cancelled"] + counts["cancel_lost_race"] == 2
     assert report["health"]["jobs"]["inQueue"] == report["health"]["jobs"]["inProgress"] == 0
+
+
+def test_s3_config_reaches_the_worker(real: BackgroundEndpoint) -> None:
+    """The top-level s3Config goes to the worker as RunPod passes it; the worker judges its fields."""
+    api = Api(real)
+    body = api.call("POST", "runsync", {"input": {**JOB, "num_images": 1}, "s3Config": {"bucketName": "b"}}).json()
+    assert body["status"] == "FAILED"
+    assert body["error"].startswith("invalid_input: s3Config: "), body["error"]
+    assert api.call("POST", "run", {"input": JOB, "s3Config": "b"}).status_code == 400  # not an object

@@ -8,6 +8,7 @@ import runpod
 
 from endpoint.background import BackgroundEndpoint
 from tests.conftest import API_KEY
+from tests.endpoint.fake_worker import CONCURRENCY
 from tests.endpoint.http import ENDPOINT_ID, Api
 
 
@@ -70,3 +71,12 @@ def test_failed_job_surfaces_error(client: runpod.Endpoint, endpoint: Background
         headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5,
     ).json()
     assert body["error"] == "invalid_input: prompt: required non-empty string"
+
+
+def test_purge_queue(client: runpod.Endpoint) -> None:
+    running = [client.run({"prompt": "p", "num_images": 2, "delay_s": 1.0}) for _ in range(CONCURRENCY)]
+    queued = client.run({"prompt": "p"})
+    assert client.purge_queue() == {"removed": 1, "status": "completed"}
+    assert queued.status() == "CANCELLED"
+    for job in running:
+        job.cancel()
