@@ -256,6 +256,13 @@ class _Packed:
     up: torch.Tensor
 
 
+def _rank_dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """Tell a compiler up front that the stacked rank varies between calls: one graph serves every
+    rank, instead of a recompile at the second rank seen (and at each value duck-sized to another)."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
+
+
 class MixedLoraLayers:
     """Forward hooks on the transformer's linear layers that add each image's own adapters."""
 
@@ -345,5 +352,5 @@ class MixedLoraLayers:
                     a, b = factors
                     down[offsets[sha] : offsets[sha] + a.shape[0]] = a
                     up[:, offsets[sha] : offsets[sha] + a.shape[0]] = b
-            packed[name] = _Packed(down, up)
-        return packed, mask.to(self.device)
+            packed[name] = _Packed(_rank_dynamic(down, 0), _rank_dynamic(up, 1))
+        return packed, _rank_dynamic(mask.to(self.device), 1)
