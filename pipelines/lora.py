@@ -125,7 +125,9 @@ def _peft_scale(metadata: dict[str, str]) -> float:
 
 def to_module_factors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[str, dict[str, tuple]]:
     """(format, {module name: (A, B)}) in diffusers module names, alphas folded in."""
-    from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_z_image_lora_to_diffusers
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_non_diffusers_z_image_lora_to_diffusers,
+    )
 
     keys = list(tensors)
     if not keys:
@@ -209,7 +211,7 @@ def validate(factors: dict[str, tuple], targets: dict[str, nn.Module], max_rank:
 
 
 def load_lora(
-    data: bytes | Path, layers: "MixedLoraLayers", max_rank: int = MAX_RANK, max_parameters: int = MAX_PARAMETERS,
+    data: bytes | Path, layers: MixedLoraLayers, max_rank: int = MAX_RANK, max_parameters: int = MAX_PARAMETERS,
     sha256: str | None = None,
 ) -> LoraAdapter:
     """Parse and validate a LoRA file for the installed transformer; LoraError if it does not fit."""
@@ -280,7 +282,7 @@ class MixedLoraLayers:
         self._lock = threading.Lock()
 
     @classmethod
-    def install(cls, transformer: nn.Module) -> "MixedLoraLayers":
+    def install(cls, transformer: nn.Module) -> MixedLoraLayers:
         """Hook every targetable linear layer once, at engine load (before compile)."""
         layers = cls(transformer)
         for name, module in layers.targets.items():

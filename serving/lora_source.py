@@ -113,7 +113,7 @@ def fetch_https(
             raise LoraSourceError("URL host does not resolve") from None
         for address in sorted(addresses):
             check_address(address)
-        connection = _CheckedAddressConnection(host, port, sorted(addresses)[0], limits.timeout_s, context)
+        connection = _CheckedAddressConnection(host, port, min(addresses), limits.timeout_s, context)
         try:
             connection.timeout = _left(deadline)
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")

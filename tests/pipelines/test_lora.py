@@ -52,8 +52,8 @@ def factors(layers: MixedLoraLayers, seed: int, rank: int = 4, std: float = 0.3)
 def peft_file(weights: dict[str, tuple], prefix: str = "transformer.") -> bytes:
     tensors = {}
     for module, (a, b) in weights.items():
-        tensors[f"{prefix}{module}.lora_A.weight"] = a
-        tensors[f"{prefix}{module}.lora_B.weight"] = b
+        tensors[f"{prefix}{module}.lora_A.weight"] = a.clone()
+        tensors[f"{prefix}{module}.lora_B.weight"] = b.clone()
     return save(tensors)
 
 
@@ -163,7 +163,7 @@ def refused(layers, data: bytes, rule: str, **limits) -> None:
 def test_mismatched_shapes_are_refused(layers):
     weights = factors(layers, seed=3)
     a, b = weights["layers.0.feed_forward.w1"]
-    weights["layers.0.feed_forward.w1"] = (a[:, :-1], b)
+    weights["layers.0.feed_forward.w1"] = (a[:, :-1].contiguous(), b)
     refused(layers, peft_file(weights), "has shapes A (4, 31), B (85, 4) for 'layers.0.feed_forward.w1'; the model "
             "needs A (r, 32), B (85, r)")
 

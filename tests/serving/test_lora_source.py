@@ -36,7 +36,7 @@ def certificate(tmp_path_factory) -> tuple[Path, Path]:
     """A self-signed certificate for localhost and 127.0.0.1."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
@@ -76,7 +76,7 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             server.hits.append(self.path)
             if self.path == "/lora":
                 self._send(200, PAYLOAD)
@@ -133,8 +133,8 @@ def client_context(certificate) -> ssl.SSLContext:
 
 
 def config(tmp_path: Path, **changes) -> LoraSourceConfig:
-    values = dict(lora_dir=tmp_path / "loras", allow_urls=True, max_bytes=1 * MB, fetch_timeout_s=5.0,
-                  cache_dir=tmp_path / "cache", cache_max_bytes=64 * MB)
+    values = {"lora_dir": tmp_path / "loras", "allow_urls": True, "max_bytes": 1 * MB, "fetch_timeout_s": 5.0,
+              "cache_dir": tmp_path / "cache", "cache_max_bytes": 64 * MB}
     values.update(changes)
     (tmp_path / "loras").mkdir(exist_ok=True)
     return LoraSourceConfig(**values)
