@@ -250,12 +250,23 @@ class LoraCache:
 
 
 # -- the per-image low-rank path -----------------------------------------------------------------
-@dataclass(frozen=True)
-class _Packed:
-    """One layer's stacked factors for one call: A (R, in), B (out, R)."""
+_BUFFERS = ("lora_down", "lora_up", "lora_scales")
 
-    down: torch.Tensor
-    up: torch.Tensor
+
+def _add_lora(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The forward hook, one function for every layer: it reads only the layer's own (non-persistent)
+    buffers, so all repeated blocks trace to the same code and a compiled block's graph serves
+    them all, and new adapters are new buffer values, not new guards."""
+    down = module.lora_down
+    if down is None:
+        return output
+    x = args[0]
+    scales = module.lora_scales
+    rows = x.shape[0]
+    # CFG doubles the batch (prompt rows, then negative rows): the per-image layout repeats
+    scales = scales.repeat(rows // scales.shape[0], 1).view(rows, *([1] * (x.dim() - 2)), -1)
+    low = torch.nn.functional.linear(x, down) * scales.to(x.dtype)
+    return output + torch.nn.functional.linear(low, module.lora_up)
 
 
 def _rank_dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -277,37 +288,25 @@ class MixedLoraLayers:
         first = next(iter(self.targets.values()))
         self.device, self.dtype = first.weight.device, first.weight.dtype
         self._handles: list = []
-        self._packed: dict[str, _Packed] | None = None
-        self._mask: torch.Tensor | None = None  # (images, R): scale of each stacked rank per image
         self._lock = threading.Lock()
 
     @classmethod
     def install(cls, transformer: nn.Module) -> MixedLoraLayers:
         """Hook every targetable linear layer once, at engine load (before compile)."""
         layers = cls(transformer)
-        for name, module in layers.targets.items():
-            layers._handles.append(module.register_forward_hook(layers._hook(name)))
+        for module in layers.targets.values():
+            for buffer in _BUFFERS:
+                module.register_buffer(buffer, None, persistent=False)
+            layers._handles.append(module.register_forward_hook(_add_lora))
         return layers
 
     def uninstall(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    def _hook(self, name: str):
-        def add_lora(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            mask = self._mask
-            if mask is None:
-                return output
-            packed = self._packed[name]
-            x = args[0]
-            rows = x.shape[0]
-            # CFG doubles the batch (prompt rows, then negative rows): the layout repeats
-            scales = mask.repeat(rows // mask.shape[0], 1).view(rows, *([1] * (x.dim() - 2)), -1)
-            low = torch.nn.functional.linear(x, packed.down) * scales.to(x.dtype)
-            return output + torch.nn.functional.linear(low, packed.up)
-
-        return add_lora
+        for module in self.targets.values():
+            for buffer in _BUFFERS:
+                module._buffers.pop(buffer, None)
 
     @contextlib.contextmanager
     def active(self, per_image: Sequence[AdapterSet]) -> Iterator[None]:
@@ -315,14 +314,15 @@ class MixedLoraLayers:
         row b (and to row b + k*len(per_image): the CFG copies). One generation at a time holds it;
         an empty or all-zero-scale call is exactly the base model."""
         with self._lock:
-            packed, mask = self._pack(per_image)
-            self._packed, self._mask = packed, mask
             try:
+                self._set(per_image)
                 yield
             finally:
-                self._packed, self._mask = None, None
+                for module in self.targets.values():
+                    for buffer in _BUFFERS:
+                        setattr(module, buffer, None)
 
-    def _pack(self, per_image: Sequence[AdapterSet]) -> tuple[dict[str, _Packed] | None, torch.Tensor | None]:
+    def _set(self, per_image: Sequence[AdapterSet]) -> None:
         """Stack the call's distinct adapters along the rank: adapter j owns ranks [o_j, o_j + r_j),
         zero where it does not target a layer; the total is padded to a power of two so that the
         shapes a compiled graph sees repeat across calls."""
@@ -332,7 +332,7 @@ class MixedLoraLayers:
                 if scale != 0.0:
                     distinct.setdefault(adapter.sha256, adapter)
         if not distinct:
-            return None, None
+            return
         offsets, total = {}, 0
         for sha, adapter in distinct.items():
             offsets[sha], total = total, total + adapter.rank
@@ -343,7 +343,7 @@ class MixedLoraLayers:
                 if scale != 0.0:
                     start = offsets[adapter.sha256]
                     mask[row, start : start + adapter.rank] += scale
-        packed = {}
+        mask = _rank_dynamic(mask.to(self.device), 1)
         for name, layer in self.targets.items():
             out_features, in_features = layer.weight.shape
             down = torch.zeros(padded, in_features, device=self.device, dtype=self.dtype)
@@ -354,5 +354,4 @@ class MixedLoraLayers:
                     a, b = factors
                     down[offsets[sha] : offsets[sha] + a.shape[0]] = a
                     up[:, offsets[sha] : offsets[sha] + a.shape[0]] = b
-            packed[name] = _Packed(_rank_dynamic(down, 0), _rank_dynamic(up, 1))
-        return packed, _rank_dynamic(mask.to(self.device), 1)
+            layer.lora_down, layer.lora_up, layer.lora_scales = _rank_dynamic(down, 0), _rank_dynamic(up, 1), mask
