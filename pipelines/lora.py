@@ -250,36 +250,36 @@ class LoraCache:
 
 
 # -- the per-image low-rank path -----------------------------------------------------------------
-_BUFFERS = ("lora_down", "lora_up", "lora_scales")
+_FACTORS = ("lora_down", "lora_up")
+
+
+class _CallScales:
+    """The one per-call tensor every hooked layer shares: (images, R) scales. It is not a module
+    buffer on purpose: buffers get static shapes under compile, and its image count varies."""
+
+    scales: torch.Tensor | None = None
 
 
 def _add_lora(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """The forward hook, one function for every layer: it reads only the layer's own (non-persistent)
-    buffers, so all repeated blocks trace to the same code and a compiled block's graph serves
-    them all, and new adapters are new buffer values, not new guards."""
-    down = module.lora_down
-    if down is None:
+    """The forward hook, one function for every layer: it reads the layer's own (non-persistent)
+    factor buffers and the shared scales, never the layer's name, so all repeated blocks trace to
+    the same code and a compiled block's graph serves them all; new adapters are new tensor
+    values, not new guards."""
+    scales = module.lora_call.scales
+    if scales is None:
         return output
     x = args[0]
-    scales = module.lora_scales
     rows = x.shape[0]
     # CFG doubles the batch (prompt rows, then negative rows): the per-image layout repeats
     scales = scales.repeat(rows // scales.shape[0], 1).view(rows, *([1] * (x.dim() - 2)), -1)
-    low = torch.nn.functional.linear(x, down) * scales.to(x.dtype)
+    low = torch.nn.functional.linear(x, module.lora_down) * scales.to(x.dtype)
     return output + torch.nn.functional.linear(low, module.lora_up)
-
-
-def _rank_dynamic(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-    """Tell a compiler up front that the stacked rank varies between calls: one graph serves every
-    rank, instead of a recompile at the second rank seen (and at each value duck-sized to another)."""
-    torch._dynamo.maybe_mark_dynamic(tensor, dim)
-    return tensor
 
 
 class MixedLoraLayers:
     """Forward hooks on the transformer's linear layers that add each image's own adapters."""
 
-    def __init__(self, transformer: nn.Module) -> None:
+    def __init__(self, transformer: nn.Module, rank_floor: int) -> None:
         self.targets: dict[str, nn.Linear] = {
             name: module
             for name, module in transformer.named_modules()
@@ -287,16 +287,21 @@ class MixedLoraLayers:
         }
         first = next(iter(self.targets.values()))
         self.device, self.dtype = first.weight.device, first.weight.dtype
+        self.rank_floor = rank_floor
+        self._call = _CallScales()
         self._handles: list = []
         self._lock = threading.Lock()
 
     @classmethod
-    def install(cls, transformer: nn.Module) -> MixedLoraLayers:
-        """Hook every targetable linear layer once, at engine load (before compile)."""
-        layers = cls(transformer)
+    def install(cls, transformer: nn.Module, rank_floor: int = MIN_PACKED_RANK) -> MixedLoraLayers:
+        """Hook every targetable linear layer once, at engine load (before compile). `rank_floor`:
+        the smallest stacked rank (a power of two); with compile, each larger power of two a batch
+        needs is one recompile per block kind, so a floor at the usual rank (e.g. 64) saves them."""
+        layers = cls(transformer, rank_floor)
         for module in layers.targets.values():
-            for buffer in _BUFFERS:
+            for buffer in _FACTORS:
                 module.register_buffer(buffer, None, persistent=False)
+            module.lora_call = layers._call
             layers._handles.append(module.register_forward_hook(_add_lora))
         return layers
 
@@ -305,8 +310,9 @@ class MixedLoraLayers:
             handle.remove()
         self._handles.clear()
         for module in self.targets.values():
-            for buffer in _BUFFERS:
+            for buffer in _FACTORS:
                 module._buffers.pop(buffer, None)
+            del module.lora_call
 
     @contextlib.contextmanager
     def active(self, per_image: Sequence[AdapterSet]) -> Iterator[None]:
@@ -318,14 +324,14 @@ class MixedLoraLayers:
                 self._set(per_image)
                 yield
             finally:
+                self._call.scales = None
                 for module in self.targets.values():
-                    for buffer in _BUFFERS:
-                        setattr(module, buffer, None)
+                    module.lora_down = module.lora_up = None
 
     def _set(self, per_image: Sequence[AdapterSet]) -> None:
         """Stack the call's distinct adapters along the rank: adapter j owns ranks [o_j, o_j + r_j),
-        zero where it does not target a layer; the total is padded to a power of two so that the
-        shapes a compiled graph sees repeat across calls."""
+        zero where it does not target a layer; the total is padded to a power of two (at least
+        `rank_floor`) so that the shapes a compiled graph sees repeat across calls."""
         distinct: dict[str, LoraAdapter] = {}
         for pairs in per_image:
             for adapter, scale in pairs:
@@ -336,14 +342,14 @@ class MixedLoraLayers:
         offsets, total = {}, 0
         for sha, adapter in distinct.items():
             offsets[sha], total = total, total + adapter.rank
-        padded = max(MIN_PACKED_RANK, 1 << (total - 1).bit_length())
+        padded = max(self.rank_floor, 1 << (total - 1).bit_length())
         mask = torch.zeros(len(per_image), padded, dtype=torch.float32)
         for row, pairs in enumerate(per_image):
             for adapter, scale in pairs:
                 if scale != 0.0:
                     start = offsets[adapter.sha256]
                     mask[row, start : start + adapter.rank] += scale
-        mask = _rank_dynamic(mask.to(self.device), 1)
+        mask = mask.to(self.device)
         for name, layer in self.targets.items():
             out_features, in_features = layer.weight.shape
             down = torch.zeros(padded, in_features, device=self.device, dtype=self.dtype)
@@ -354,4 +360,5 @@ class MixedLoraLayers:
                     a, b = factors
                     down[offsets[sha] : offsets[sha] + a.shape[0]] = a
                     up[:, offsets[sha] : offsets[sha] + a.shape[0]] = b
-            layer.lora_down, layer.lora_up, layer.lora_scales = _rank_dynamic(down, 0), _rank_dynamic(up, 1), mask
+            layer.lora_down, layer.lora_up = down, up
+        self._call.scales = mask
