@@ -15,10 +15,10 @@ Three parts, used in this order by the engine:
    selects each image's adapters. So a mixed batch costs two extra matmuls per layer, whose rank R
    is the sum of the distinct adapters' ranks (padded to a power of two), and no per-image loops.
 
-Compile (docs/LORA.md): the hooks run inside the regionally compiled blocks (fullgraph). They only
-read tensors (the stacked factors and the mask), so changing adapters between calls changes tensor
-values, not the graph; R and the image count N are the only varying sizes and automatic dynamic
-shapes make them symbolic after their first change. "LoRA on" vs "off" is one more graph per block.
+Compile (docs/LORA.md): the hooks run inside the regionally compiled blocks (fullgraph). They read
+only tensors (each layer's stacked factors, one shared scale mask of a fixed row capacity) through
+one hook function, so new adapters, scales and batch layouts are new tensor values, not new graphs;
+"LoRA on" vs "off" is one more graph per block kind, and each new power of two of R one more.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from torch import nn
 MAX_RANK = 256
 MAX_PARAMETERS = 400_000_000  # 800 MB in bf16: larger than any LoRA of a 6 B model needs
 MIN_PACKED_RANK = 8
+MAX_ROWS = 32  # rows of one forward: 2 x a batch of 16 with CFG
 # Modules fed the tokens of all images concatenated (not one row per image): a per-image LoRA
 # cannot tell the images apart there, so such targets are refused.
 FLATTENED_INPUT_PREFIXES = ("all_x_embedder.", "cap_embedder.", "siglip_embedder.")
@@ -254,8 +255,10 @@ _FACTORS = ("lora_down", "lora_up")
 
 
 class _CallScales:
-    """The one per-call tensor every hooked layer shares: (images, R) scales. It is not a module
-    buffer on purpose: buffers get static shapes under compile, and its image count varies."""
+    """The one per-call tensor every hooked layer shares: (rows, R) scales, row r holding image
+    r mod N's, for `rows` up to a fixed capacity. A compiled graph sees one shape whatever the
+    batch (tensors reached from modules keep static shapes under compile); a layer takes the
+    first x.shape[0] rows, which also covers CFG's doubled batch (images, then their negatives)."""
 
     scales: torch.Tensor | None = None
 
@@ -270,8 +273,7 @@ def _add_lora(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Ten
         return output
     x = args[0]
     rows = x.shape[0]
-    # CFG doubles the batch (prompt rows, then negative rows): the per-image layout repeats
-    scales = scales.repeat(rows // scales.shape[0], 1).view(rows, *([1] * (x.dim() - 2)), -1)
+    scales = scales[:rows].view(rows, *([1] * (x.dim() - 2)), -1)
     low = torch.nn.functional.linear(x, module.lora_down) * scales.to(x.dtype)
     return output + torch.nn.functional.linear(low, module.lora_up)
 
@@ -279,7 +281,7 @@ def _add_lora(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Ten
 class MixedLoraLayers:
     """Forward hooks on the transformer's linear layers that add each image's own adapters."""
 
-    def __init__(self, transformer: nn.Module, rank_floor: int) -> None:
+    def __init__(self, transformer: nn.Module, rank_floor: int, max_rows: int) -> None:
         self.targets: dict[str, nn.Linear] = {
             name: module
             for name, module in transformer.named_modules()
@@ -287,17 +289,21 @@ class MixedLoraLayers:
         }
         first = next(iter(self.targets.values()))
         self.device, self.dtype = first.weight.device, first.weight.dtype
-        self.rank_floor = rank_floor
+        self.rank_floor, self.max_rows = rank_floor, max_rows
         self._call = _CallScales()
         self._handles: list = []
         self._lock = threading.Lock()
 
     @classmethod
-    def install(cls, transformer: nn.Module, rank_floor: int = MIN_PACKED_RANK) -> MixedLoraLayers:
+    def install(
+        cls, transformer: nn.Module, rank_floor: int = MIN_PACKED_RANK, max_rows: int = MAX_ROWS
+    ) -> MixedLoraLayers:
         """Hook every targetable linear layer once, at engine load (before compile). `rank_floor`:
         the smallest stacked rank (a power of two); with compile, each larger power of two a batch
-        needs is one recompile per block kind, so a floor at the usual rank (e.g. 64) saves them."""
-        layers = cls(transformer, rank_floor)
+        needs is one recompile per block kind, so a floor at the usual rank (e.g. 64) saves them.
+        `max_rows`: the most rows one forward has (2 x the largest batch, for CFG); a larger call
+        still works, at one recompile."""
+        layers = cls(transformer, rank_floor, max_rows)
         for module in layers.targets.values():
             for buffer in _FACTORS:
                 module.register_buffer(buffer, None, persistent=False)
@@ -343,13 +349,14 @@ class MixedLoraLayers:
         for sha, adapter in distinct.items():
             offsets[sha], total = total, total + adapter.rank
         padded = max(self.rank_floor, 1 << (total - 1).bit_length())
-        mask = torch.zeros(len(per_image), padded, dtype=torch.float32)
+        per_row = torch.zeros(len(per_image), padded, dtype=torch.float32)
         for row, pairs in enumerate(per_image):
             for adapter, scale in pairs:
                 if scale != 0.0:
                     start = offsets[adapter.sha256]
-                    mask[row, start : start + adapter.rank] += scale
-        mask = mask.to(self.device)
+                    per_row[row, start : start + adapter.rank] += scale
+        rows = max(self.max_rows, 1 << (2 * len(per_image) - 1).bit_length())
+        mask = per_row.repeat(-(-rows // len(per_image)), 1)[:rows].to(self.device)
         for name, layer in self.targets.items():
             out_features, in_features = layer.weight.shape
             down = torch.zeros(padded, in_features, device=self.device, dtype=self.dtype)
