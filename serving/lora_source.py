@@ -1,0 +1,320 @@
+"""Where a job's LoRA file comes from: a name inside LORA_DIR, or an https URL (cached on disk).
+
+Everything here comes from a client, so everything is bounded: names cannot leave LORA_DIR (no
+`..`, no absolute paths, no symlink out), files and downloads have a size limit, a download has one
+deadline for the whole transfer (not per read: a server dripping a byte a second is cut off), and
+URLs reach only public addresses, checked after DNS resolution and at every redirect, with the
+connection made to the address that was checked.
+
+Downloads are kept in LORA_CACHE_DIR by content sha256 (bounded bytes, least recently used out) with
+a small URL -> sha256 index, so a repeated URL is read from disk. URLs are taken as immutable: a
+new file needs a new URL (as with hub revisions and CivitAI version ids).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+from cachetools import LRUCache
+
+from serving.errors import JobError
+from serving.reference_image import check_public_address
+
+SUFFIX = ".safetensors"
+MAX_REDIRECTS = 3
+_CHUNK = 1 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class LoraSourceError(ValueError):
+    """The path cannot give a LoRA file; `rule` is the client-facing reason."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+        super().__init__(rule)
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A resolved LoRA: its content hash (the adapter cache key), its bytes (in memory, or a file
+    read only when the adapter cache misses), and whether a download was avoided (`cache_hit`:
+    served from LORA_CACHE_DIR; always False for LORA_DIR files, which are local anyway)."""
+
+    sha256: str
+    size: int
+    cache_hit: bool
+    location: Path | None = None
+    data: bytes | None = field(default=None, repr=False)
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else self.location.read_bytes()
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    max_bytes: int
+    timeout_s: float
+    max_redirects: int = MAX_REDIRECTS
+
+
+# -- https --------------------------------------------------------------------------------------
+def public_address(address: str) -> None:
+    """Refuses loopback, private, link-local and other non-global targets (reference_image's rule)."""
+    try:
+        check_public_address(address)
+    except JobError:
+        raise LoraSourceError("URL must point to a public address") from None
+
+
+class _CheckedAddressConnection(http.client.HTTPSConnection):
+    """TLS to the address that passed the check, with the certificate verified for the URL's host."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.checked_address = address
+        self.tls_socket: ssl.SSLSocket | None = None  # kept: http.client lets go of `sock` on "Connection: close"
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.checked_address, self.port), timeout=self.timeout)
+        self.sock = self.tls_socket = self._context.wrap_socket(raw, server_hostname=self.host)
+
+
+def fetch_https(
+    url: str, limits: FetchLimits, check_address: Callable[[str], None] = public_address,
+    context: ssl.SSLContext | None = None,
+) -> bytes:
+    """GET `url` within `limits`: https only, every resolved address checked, bounded redirects,
+    size checked on the declared length and again while reading, one deadline for everything."""
+    deadline = time.monotonic() + limits.timeout_s
+    context = context or ssl.create_default_context()
+    for _ in range(limits.max_redirects + 1):
+        try:
+            parts = urlsplit(url)
+            host, port = parts.hostname, parts.port or 443
+        except ValueError:
+            raise LoraSourceError("is not a valid URL") from None
+        if parts.scheme != "https" or not host:
+            raise LoraSourceError("URLs must use https")
+        try:
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except (socket.gaierror, UnicodeError):
+            raise LoraSourceError("URL host does not resolve") from None
+        for address in sorted(addresses):
+            check_address(address)
+        connection = _CheckedAddressConnection(host, port, min(addresses), limits.timeout_s, context)
+        try:
+            connection.timeout = _left(deadline)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            connection.request("GET", target, headers={"User-Agent": "z-image-worker"})
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308):
+                url = urljoin(url, response.getheader("Location") or "")
+                continue
+            if response.status != 200:
+                raise LoraSourceError(f"URL answered HTTP {response.status}")
+            return _read_bounded(response, connection, limits.max_bytes, deadline)
+        except (OSError, http.client.HTTPException):
+            if time.monotonic() >= deadline:
+                raise LoraSourceError(f"download took longer than {limits.timeout_s:g} s") from None
+            raise LoraSourceError("URL could not be fetched") from None
+        finally:
+            connection.close()
+    raise LoraSourceError(f"URL redirected more than {limits.max_redirects} times")
+
+
+def _left(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    return remaining
+
+
+def _too_big(max_bytes: int) -> LoraSourceError:
+    return LoraSourceError(f"must be at most {max_bytes / 2**20:g} MB")
+
+
+def _read_bounded(response, connection: http.client.HTTPSConnection, max_bytes: int, deadline: float) -> bytes:
+    declared = response.getheader("Content-Length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_big(max_bytes)
+    chunks, total = [], 0
+    while True:
+        connection.tls_socket.settimeout(_left(deadline))
+        chunk = response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > max_bytes:
+            raise _too_big(max_bytes)
+        chunks.append(chunk)
+
+
+# -- the disk cache -----------------------------------------------------------------------------
+class DiskCache:
+    """Files by content sha256 under `root`, total bytes bounded, least recently used evicted.
+
+    Use is recorded in the file's mtime (atime is often off on volumes). Writes are atomic
+    (temp file + rename), so a crash never leaves a half file under a sha256 name.
+    """
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root, self.max_bytes = Path(root), max_bytes
+        (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        (self.root / "urls").mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _blob(self, sha256: str) -> Path:
+        return self.root / "blobs" / f"{sha256}{SUFFIX}"
+
+    def _url_entry(self, url: str) -> Path:
+        return self.root / "urls" / hashlib.sha256(url.encode()).hexdigest()
+
+    def lookup(self, url: str) -> LoraFile | None:
+        """The cached file for this URL, marked as just used; None if absent or evicted."""
+        with self._lock:
+            try:
+                sha256 = self._url_entry(url).read_text().strip()
+            except OSError:
+                return None
+            blob = self._blob(sha256)
+            if not _SHA256.fullmatch(sha256) or not blob.is_file():
+                return None
+            os.utime(blob)
+            return LoraFile(sha256, blob.stat().st_size, cache_hit=True, location=blob)
+
+    def store(self, url: str, data: bytes) -> LoraFile:
+        """Keep `data` (if it fits at all), index it under `url`, evict down to the byte bound."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        blob = self._blob(sha256)
+        with self._lock:
+            _write_atomic(blob, data)
+            _write_atomic(self._url_entry(url), sha256.encode())
+            self._evict(keep=blob)
+        return LoraFile(sha256, len(data), cache_hit=False, location=blob, data=data)
+
+    def _evict(self, keep: Path) -> None:
+        blobs = []
+        for path in (self.root / "blobs").glob(f"*{SUFFIX}"):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            blobs.append((stat.st_mtime_ns, stat.st_size, path))
+        total = sum(size for _, size, _ in blobs)
+        for _, size, path in sorted(blobs, key=lambda b: b[0]):
+            if total <= self.max_bytes:
+                break
+            if path != keep:
+                path.unlink(missing_ok=True)
+                total -= size
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in (self.root / "blobs").glob(f"*{SUFFIX}"))
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    handle, staging = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+# -- the source ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoraSourceConfig:
+    """LORA_DIR (None: names refused), whether URLs are allowed, LORA_MAX_MB as bytes, the download
+    deadline, and LORA_CACHE_DIR with its byte bound (None: downloads are kept in memory only)."""
+
+    lora_dir: Path | None
+    allow_urls: bool
+    max_bytes: int
+    fetch_timeout_s: float
+    cache_dir: Path | None
+    cache_max_bytes: int
+
+
+class LoraSource:
+    """Resolves a job's `path` to a LoraFile; raises LoraSourceError with a client-facing rule."""
+
+    def __init__(
+        self, config: LoraSourceConfig, check_address: Callable[[str], None] = public_address,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.cache = DiskCache(config.cache_dir, config.cache_max_bytes) if config.cache_dir else None
+        self._check_address, self._context = check_address, context
+        self._hashes: LRUCache = LRUCache(maxsize=4096)  # LORA_DIR file identity -> sha256: hash once
+        self._lock = threading.Lock()
+
+    def resolve(self, path: str) -> LoraFile:
+        if "://" in path:
+            return self._from_url(path)
+        return self._from_dir(path)
+
+    def _from_url(self, url: str) -> LoraFile:
+        if not url.startswith("https://"):
+            raise LoraSourceError("URLs must use https")
+        if not self.config.allow_urls:
+            raise LoraSourceError("URLs are disabled on this endpoint")
+        if self.cache is not None and (hit := self.cache.lookup(url)) is not None:
+            return hit
+        data = fetch_https(url, FetchLimits(self.config.max_bytes, self.config.fetch_timeout_s),
+                           self._check_address, self._context)
+        if self.cache is not None and len(data) <= self.cache.max_bytes:
+            return self.cache.store(url, data)
+        return LoraFile(hashlib.sha256(data).hexdigest(), len(data), cache_hit=False, data=data)
+
+    def _from_dir(self, name: str) -> LoraFile:
+        root = self.config.lora_dir
+        if root is None:
+            raise LoraSourceError("LORA_DIR is not set on this endpoint: use an https URL")
+        if not name or name.startswith(("/", "\\", "~")) or "\\" in name or "\x00" in name:
+            raise LoraSourceError("must be a file name inside LORA_DIR")
+        if any(part in ("", ".", "..") for part in name.split("/")):
+            raise LoraSourceError("must be a file name inside LORA_DIR (no '.' or '..' parts)")
+        if not name.endswith(SUFFIX):
+            raise LoraSourceError(f"must be a {SUFFIX} file")
+        base = root.resolve()
+        target = (base / name).resolve()
+        if not target.is_relative_to(base):
+            raise LoraSourceError("must be a file name inside LORA_DIR")
+        try:
+            stat = target.stat()
+        except OSError:
+            raise LoraSourceError("no such file in LORA_DIR") from None
+        if not target.is_file():
+            raise LoraSourceError("no such file in LORA_DIR")
+        if stat.st_size > self.config.max_bytes:
+            raise _too_big(self.config.max_bytes)
+        identity = (str(target), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            sha256 = self._hashes.get(identity)
+        if sha256 is None:
+            sha256 = _hash_file(target)
+            with self._lock:
+                self._hashes[identity] = sha256
+        return LoraFile(sha256, stat.st_size, cache_hit=False, location=target)
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
