@@ -25,11 +25,13 @@ class SamplingStopped(Exception):
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image to make: its own prompt, negative prompt and seed."""
+    """One image to make: its own prompt, negative prompt, seed, and adapters (LoRA, scale) that
+    apply to it alone (images with different adapters share a call: pipelines/lora.py)."""
 
     prompt: str
     negative_prompt: str
     seed: int
+    loras: tuple[tuple[Any, float], ...] = ()
 
 
 @dataclass

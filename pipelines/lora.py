@@ -228,6 +228,17 @@ def load_lora(
     return LoraAdapter(sha256 or hashlib.sha256(data).hexdigest(), fmt, placed)
 
 
+def warm_up_adapter(layers: MixedLoraLayers, rank: int = MIN_PACKED_RANK) -> LoraAdapter:
+    """An adapter on every hooked layer whose delta is zero (B = 0): warm-up runs the LoRA path
+    (its compiled graphs) without changing a pixel."""
+    factors = {
+        name: (torch.zeros(rank, layer.in_features, device=layers.device, dtype=layers.dtype),
+               torch.zeros(layer.out_features, rank, device=layers.device, dtype=layers.dtype))
+        for name, layer in layers.targets.items()
+    }
+    return LoraAdapter("0" * 64, "warm-up", factors)
+
+
 class LoraCache:
     """Loaded adapters by file sha256, bounded by count (LRU); `get_or_load` says whether it hit."""
 

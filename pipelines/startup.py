@@ -16,6 +16,7 @@ import torch
 
 from pipelines.acceleration import AccelerationPlan, accelerate_transformer, save_compile_cache
 from pipelines.engine import ImageItem
+from pipelines.lora import warm_up_adapter
 from pipelines.pulid_flux import PuLIDFluxPipeline, PuLIDSpec
 from pipelines.z_image import BatchSpec, ZImageEngine
 
@@ -48,16 +49,20 @@ def warm_up(engine: ZImageEngine, width: int, height: int, max_batch: int, steps
     """The generations that leave nothing to compile for the first jobs: batch 1 (compiles static),
     batch 2 (recompiles once with a symbolic batch, which then serves every larger batch), then
     batch 1 again with a caption of another length. Dynamo specialises size 1, so batch 1 keeps its
-    own graph, static in the sequence length until it sees a second one. After these three, jobs of
-    any batch size up to `max_batch`, caption length or image size reuse the graphs
+    own graph, static in the sequence length until it sees a second one. The same two batch sizes
+    then run the per-image LoRA path (an adapter whose delta is zero). After these, jobs of any
+    batch size up to `max_batch`, caption length, image size or LoRA set reuse the graphs
     (tests/pipelines/test_acceleration.py); warming each larger batch size would only lengthen the
     cold start."""
-    runs = [(f"batch {size}", size, WARMUP_PROMPT) for size in (1, 2) if size <= max_batch]
-    runs.append(("batch 1, long prompt", 1, WARMUP_LONG_PROMPT))
+    sizes = [size for size in (1, 2) if size <= max_batch]
+    lora = ((warm_up_adapter(engine.lora_layers), 1.0),)
+    runs = [(f"batch {size}", size, WARMUP_PROMPT, ()) for size in sizes]
+    runs.append(("batch 1, long prompt", 1, WARMUP_LONG_PROMPT, ()))
+    runs += [(f"batch {size}, LoRA", size, WARMUP_PROMPT, lora) for size in sizes]
     spent: dict[str, float] = {}
-    for name, size, prompt in runs:
+    for name, size, prompt, loras in runs:
         started = time.perf_counter()
-        engine.generate_fixed(prompt, size, width, height, steps)
+        engine.generate_fixed(prompt, size, width, height, steps, loras)
         spent[name] = round((time.perf_counter() - started) * 1000, 1)
         log.info("warm-up %s at %dx%d: %.0f ms", name, width, height, spent[name])
     return spent

@@ -25,6 +25,7 @@ from cachetools import LRUCache
 from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.engine import BatchResult, ImageItem, ModelIdentity, StopCheck
+from pipelines.lora import MixedLoraLayers
 from pipelines.samplers import danrisi_sigmas, danrisi_start_noise, sample_danrisi, sample_euler, simple_sigmas
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ class ZImageEngine:
         self.load_seconds = 0.0
         self.startup_ms: dict[str, float] = {}
         self.acceleration = AccelerationReport()
+        # per-image LoRA hooks, installed before any compile: each image's adapters apply to it alone
+        self.lora_layers = MixedLoraLayers.install(pipe.transformer)
 
     @classmethod
     def load(cls, model_dir: Path, device: str, prompt_cache_size: int = 256) -> "ZImageEngine":
@@ -290,14 +293,16 @@ class ZImageEngine:
         started = mark("text_encoding", started)
         seeds = [item.seed for item in items]
         noise = self.initial_noise(seeds, spec.width, spec.height, spec.workflow)
-        latents = self.denoise(noise, text, negative, spec, should_stop, seeds)
+        with self.lora_layers.active([item.loras for item in items]):
+            latents = self.denoise(noise, text, negative, spec, should_stop, seeds)
         started = mark("denoising", started)
         images = self.decode(latents)
         mark("decoding", started)
         return BatchResult(images=images, timings_ms=timings)
 
-    def generate_fixed(self, prompt: str, count: int, width: int, height: int, steps: int) -> BatchResult:
+    def generate_fixed(self, prompt: str, count: int, width: int, height: int, steps: int,
+                       loras: tuple[tuple[Any, float], ...] = ()) -> BatchResult:
         """`count` images of one prompt, seeds 0..count-1, no CFG, the simple workflow: the fixed
         batches of the warm-up, the FP8 guard and the benchmarks."""
-        items = [ImageItem(prompt, "", seed) for seed in range(count)]
+        items = [ImageItem(prompt, "", seed, loras) for seed in range(count)]
         return self.generate(items, BatchSpec(width, height, steps, 0.0, "z-image-simple"))

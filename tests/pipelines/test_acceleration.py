@@ -164,8 +164,9 @@ def _compiled_generation(cache_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("max_batch, runs", [
-    (1, ["batch 1", "batch 1, long prompt"]),
-    (12, ["batch 1", "batch 2", "batch 1, long prompt"]),  # batch 2's symbolic graph serves 3..12
+    (1, ["batch 1", "batch 1, long prompt", "batch 1, LoRA"]),
+    # batch 2's symbolic graph serves 3..12
+    (12, ["batch 1", "batch 2", "batch 1, long prompt", "batch 1, LoRA", "batch 2, LoRA"]),
 ])
 def test_warm_up_runs_the_shapes_that_compile_and_no_more(demo_dir, max_batch, runs):
     engine = ZImageEngine.load(demo_dir, "cpu")

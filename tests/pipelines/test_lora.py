@@ -32,9 +32,7 @@ def engine():
 
 @pytest.fixture(scope="module")
 def layers(engine):
-    installed = MixedLoraLayers.install(engine.pipe.transformer)
-    yield installed
-    installed.uninstall()
+    return engine.lora_layers  # installed by the engine at load, as served
 
 
 def factors(layers: MixedLoraLayers, seed: int, rank: int = 4, std: float = 0.3) -> dict[str, tuple]:
