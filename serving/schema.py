@@ -57,7 +57,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = None
     workflow: Workflow = "auto"
     mode: Mode = "fast"
-    output_format: ImageFormat = "png"
+    output_format: ImageFormat = "webp"
     output_quality: int | None = None
     delivery: Literal["base64", "url"] = "base64"
     reference_image: str | None = None

@@ -29,9 +29,9 @@ from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
 from pipelines.samplers import SamplingStopped
 from pipelines.z_image import BatchResult, BatchSpec, ImageItem, ZImageEngine, pick_device, serving_dtype
 from serving.batcher import Batcher, ImageOutcome
-from serving.delivery import Delivered, Delivery
+from serving.delivery import Delivered, Delivery, StorageIO
 from serving.errors import JobError
-from serving.outputs import encode_image, image_chunk, image_error_chunk
+from serving.outputs import effective_quality, encode_image, image_chunk, image_error_chunk
 from serving.reference_image import load_reference_image
 from serving.schema import (
     ASPECT_RATIOS, MAX_GUIDANCE, MAX_ID_WEIGHT, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS,
@@ -102,7 +102,8 @@ class JobPlan:
             "model": model, "mode": self.mode_ran, "workflow": spec.workflow, "prompt": item.prompt,
             "negative_prompt": item.negative_prompt if spec.cfg else "",
             "width": spec.width, "height": spec.height, "steps": spec.steps, "guidance_scale": spec.guidance_scale,
-            "seed": item.seed, "format": request.output_format, "quality": request.output_quality,
+            "seed": item.seed, "format": request.output_format,
+            "quality": effective_quality(request.output_format, request.output_quality),
         }
         if isinstance(spec, ConsistentSpec):
             params.update(reference=spec.reference_sha256, id_weight=spec.id_weight,
@@ -136,7 +137,11 @@ class Worker:
         self._free_bytes = free_gpu_bytes() if engine.device.type == "cuda" else 0
         self.encode_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self._identity_pool = ThreadPoolExecutor(1, thread_name_prefix="identity")
-        self.store = ImageStore(settings.storage, executor=self.encode_pool) if settings.storage else None
+        # storage I/O has its own threads: a hung bucket can hold these, never the encoders
+        self.storage_io = StorageIO(
+            ThreadPoolExecutor(settings.bucket_upload_workers, thread_name_prefix="storage"),
+            settings.delivery_timeout_s, settings.cache_lookup_timeout_s)
+        self.store = ImageStore(settings.storage) if settings.storage else None
         self.batcher = Batcher(
             run_batch=self._run_batch,
             max_batch_for=self.max_batch_for,
@@ -244,7 +249,8 @@ class Worker:
             for i in range(request.num_images)
         ]
         delivery = Delivery.plan(request.delivery, self._store_for(s3_config), self.settings.max_response_bytes,
-                                 request.width * request.height, request.num_images, request.output_format)
+                                 request.width * request.height, request.num_images, request.output_format,
+                                 io=self.storage_io, chunk_limit_bytes=self.settings.max_chunk_bytes)
         if mode == "fast":
             workflow = self.resolve_workflow(request.workflow)
             spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow)
@@ -257,13 +263,12 @@ class Worker:
     def _store_for(self, s3_config: Any) -> ImageStore | None:
         if s3_config is None:
             return self.store
-        if not isinstance(s3_config, dict):
-            raise JobError("invalid_input", "must be an object", field="s3Config")
         try:
-            config = storage_config_from_job(s3_config, self.settings.storage)
+            config = storage_config_from_job(s3_config, self.settings.storage,
+                                             allow_private=self.settings.job_storage_allow_private)
         except StorageConfigError as err:
-            raise JobError("invalid_input", str(err), field="s3Config") from None
-        return ImageStore(config, executor=self.encode_pool)
+            raise JobError("invalid_input", err.rule, field=err.field) from None
+        return ImageStore(config)
 
     async def _plan_consistent(self, request: GenerateRequest, items: list[ImageItem], delivery: Delivery) -> JobPlan:
         loop = asyncio.get_running_loop()
@@ -295,13 +300,9 @@ class Worker:
         """Images already in the bucket from an identical request: found by HEAD, never regenerated."""
         if not plan.delivery.use_cache:
             return
-        loop = asyncio.get_running_loop()
         model = self._cache_model(plan)
-        lookups = [
-            loop.run_in_executor(self.encode_pool, plan.delivery.cached, plan.cache_params(item, model),
-                                 plan.request.output_format)
-            for item in plan.items
-        ]
+        lookups = [plan.delivery.cached(plan.cache_params(item, model), plan.request.output_format)
+                   for item in plan.items]
         for index, (item, found) in enumerate(zip(plan.items, await asyncio.gather(*lookups))):
             if found is not None:
                 plan.cached_entries[index] = {
@@ -350,8 +351,9 @@ class Worker:
         finished: asyncio.Queue[tuple[ImageOutcome, Any, float]] = asyncio.Queue()
 
         def post_process(outcome: ImageOutcome) -> tuple[ImageOutcome, Any, float]:
-            """Runs in the encode pool, while the GPU thread goes on with the next batch. Never
-            raises: an exception here would leave the image missing until JOB_TIMEOUT_S."""
+            """Runs in the encode pool, while the GPU thread goes on with the next batch; an upload
+            is only handed to the storage pool here, `settle` waits for it. Never raises: an
+            exception here would leave the image missing until JOB_TIMEOUT_S."""
             if outcome.pixels is None:
                 return outcome, None, 0.0
             begun = time.perf_counter()
@@ -369,9 +371,13 @@ class Worker:
                 encode_ms = (time.perf_counter() - begun) * 1000
             return outcome, delivered, encode_ms
 
+        async def settle(result: tuple[ImageOutcome, Any, float]) -> None:
+            outcome, delivered, encode_ms = result
+            finished.put_nowait((outcome, await plan.delivery.settle(delivered), encode_ms))
+
         def on_outcome(outcome: ImageOutcome) -> None:
             future = self.encode_pool.submit(post_process, outcome)
-            future.add_done_callback(lambda f: loop.call_soon_threadsafe(finished.put_nowait, f.result()))
+            future.add_done_callback(lambda f: asyncio.run_coroutine_threadsafe(settle(f.result()), loop))
 
         timings = {"text_encoding": 0.0, "denoising": 0.0, "decoding": 0.0, "image_encoding": 0.0}
         batches: list[int] = []
@@ -437,7 +443,8 @@ class Worker:
         settings = {
             "workflow": spec.workflow, "mode": plan.mode_ran, "width": spec.width, "height": spec.height,
             "steps": spec.steps, "guidance_scale": spec.guidance_scale, "num_images": request.num_images,
-            "seed": request.seed, "output_format": request.output_format, "output_quality": request.output_quality,
+            "seed": request.seed, "output_format": request.output_format,
+            "output_quality": effective_quality(request.output_format, request.output_quality),
             "delivery": plan.delivery.method,
         }
         if isinstance(spec, ConsistentSpec):
@@ -455,7 +462,7 @@ class Worker:
             "model": model,
         }
         if plan.delivery.switched_to_url:
-            summary["delivery_note"] = "base64 would pass the result limit: images were uploaded instead"
+            summary["delivery_note"] = "base64 would pass the result or stream chunk limit: images were uploaded instead"
         if plan.identity_cache_hit is not None:
             summary["identity_cache_hit"] = plan.identity_cache_hit
         if request.mode != plan.mode_ran:

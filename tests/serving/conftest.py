@@ -1,10 +1,12 @@
-"""A real S3 API on loopback (moto server mode) and a fault-injecting HTTP proxy in front of it."""
+"""A real S3 API on loopback (moto server mode), a fault-injecting HTTP proxy in front of it, and a
+hung endpoint (accepts connections, never answers)."""
 
 from __future__ import annotations
 
 import contextlib
 
 import http.client
+import socket
 import threading
 import time
 import uuid
@@ -17,11 +19,10 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from serving.storage import RetryPolicy, StorageConfig
+from serving.storage import StorageConfig
 
 ACCESS_KEY = "AKIATESTSTORAGEKEY01"
 SECRET_KEY = "sEcReT/storage+test+secret+do+not+log"
-FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.02)
 
 
 @dataclass
@@ -169,3 +170,37 @@ def running_fault_proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
 def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
     with running_fault_proxy(moto_endpoint) as fp:
         yield fp
+
+
+@contextlib.contextmanager
+def running_hung_server() -> Iterator[str]:
+    """A TCP server on loopback that accepts every connection and never answers: a storage
+    endpoint that hangs. Yields its http URL; connections are closed when it stops."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+@pytest.fixture
+def hung_endpoint() -> Iterator[str]:
+    with running_hung_server() as url:
+        yield url
