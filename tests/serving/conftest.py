@@ -172,35 +172,43 @@ def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
         yield fp
 
 
+@dataclass
+class HungServer:
+    """A storage endpoint that hangs: `url`, and the connections it has accepted (and holds)."""
+
+    url: str
+    held: list[socket.socket] = field(default_factory=list)
+
+
 @contextlib.contextmanager
-def running_hung_server() -> Iterator[str]:
-    """A TCP server on loopback that accepts every connection and never answers: a storage
-    endpoint that hangs. Yields its http URL; connections are closed when it stops."""
+def running_hung_server() -> Iterator[HungServer]:
+    """A TCP server on loopback that accepts every connection and never answers; connections
+    are closed when it stops."""
     listener = socket.create_server(("127.0.0.1", 0))
-    held: list[socket.socket] = []
+    server = HungServer(f"http://127.0.0.1:{listener.getsockname()[1]}")
     stop = threading.Event()
 
     def accept() -> None:
         listener.settimeout(0.05)
         while not stop.is_set():
             try:
-                held.append(listener.accept()[0])
+                server.held.append(listener.accept()[0])
             except TimeoutError:
                 continue
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+        yield server
     finally:
         stop.set()
         thread.join()
-        for conn in held:
+        for conn in server.held:
             conn.close()
         listener.close()
 
 
 @pytest.fixture
 def hung_endpoint() -> Iterator[str]:
-    with running_hung_server() as url:
-        yield url
+    with running_hung_server() as server:
+        yield server.url
