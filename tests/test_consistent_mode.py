@@ -20,7 +20,7 @@ from serving.settings import load_settings
 from serving.worker import Worker
 from tests.conftest import assert_regenerates, pixels, run_job
 
-SMALL = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 3.5}
+SMALL = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 3.5, "output_format": "png"}  # lossless: pixels compared
 PROMPT = "portrait photo of a person"
 
 

@@ -60,7 +60,7 @@ def test_sizes(handler_module, size, expected):
 
 @pytest.mark.parametrize(("fmt", "magic"), [("png", b"\x89PNG"), ("webp", b"RIFF"), ("jpeg", b"\xff\xd8\xff")])
 def test_formats(handler_module, fmt, magic):
-    result = run_job(handler_module, {"prompt": "a tree", "output_format": fmt, "output_quality": 80, **SMALL})
+    result = run_job(handler_module, {"prompt": "a tree", **SMALL, "output_format": fmt, "output_quality": 80})
     data = base64.b64decode(result["images"][0]["base64"])
     assert data.startswith(magic) and result["images"][0]["format"] == fmt
     assert Image.open(io.BytesIO(data)).size == (64, 64)

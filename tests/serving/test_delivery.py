@@ -423,3 +423,15 @@ def test_hung_deployment_bucket_lookups_are_misses_and_the_job_ends_in_bounded_t
     assert all(i["delivery_fallback"].startswith("upload not done within") for i in result["images"])
     # CACHE_LOOKUP_TIMEOUT_S + generation + DELIVERY_TIMEOUT_S, below JOB_TIMEOUT_S=60
     assert 1 + HUNG_DELIVERY_TIMEOUT_S <= elapsed < 60
+
+
+def test_webp_is_the_default_and_png_ignores_output_quality_in_cache_key_and_echo(worker):
+    default = run(worker, {"prompt": "a quiet harbour", "seed": 1200, **SMALL})
+    assert (default["settings"]["output_format"], default["settings"]["output_quality"]) == ("webp", 90)
+    assert b64(default["images"][0])[:4] == b"RIFF"
+    job = {"prompt": "a quiet harbour", "seed": 1200, "delivery": "url", "output_format": "png", **SMALL}
+    first = run(worker, {**job, "output_quality": 40})
+    assert first["settings"]["output_quality"] is None and first["images_from_cache"] == 0
+    again = run(worker, {**job, "output_quality": 95})  # PNG is lossless: the same image, the same key
+    assert again["images_from_cache"] == 1 and again["images"][0]["key"] == first["images"][0]["key"]
+    assert run(worker, {**job, "output_format": "webp", "output_quality": 40})["images_from_cache"] == 0
