@@ -19,9 +19,10 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from serving.errors import JobError
 from serving.outputs import CONTENT_TYPES, base64_entry
@@ -86,7 +87,7 @@ class Delivery:
     def plan(
         cls, method: str, store: ImageStore | None, limit_bytes: int, pixels: int, count: int, image_format: str,
         *, io: StorageIO, chunk_limit_bytes: int,
-    ) -> "Delivery":
+    ) -> Delivery:
         """Refuse, or switch to url, when base64 is certain not to fit the response or one chunk."""
         if method == "url" and store is None:
             raise JobError("invalid_input", "url delivery needs storage: set BUCKET_* or send s3Config", field="delivery")
@@ -116,7 +117,7 @@ class Delivery:
         lookup = asyncio.get_running_loop().run_in_executor(self.io.pool, self.store.lookup, key)
         try:
             stored = await asyncio.wait_for(lookup, self.io.lookup_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         return None if stored is None else {"url": stored.url, "key": stored.key, "cached": True}
 
@@ -148,7 +149,7 @@ class Delivery:
         try:
             # on timeout the wrapped future is cancelled: an upload still queued never starts
             stored = await asyncio.wait_for(asyncio.wrap_future(delivered.future), wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self._fallback(delivered, "upload_timeout",
                                   f"upload not done within DELIVERY_TIMEOUT_S={self.io.delivery_timeout_s:g} s")
         except StorageError as err:

@@ -4,7 +4,6 @@ hung endpoint (accepts connections, never answers)."""
 from __future__ import annotations
 
 import contextlib
-
 import http.client
 import socket
 import threading

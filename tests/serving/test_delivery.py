@@ -31,7 +31,14 @@ from serving.local_run import collect
 from serving.settings import load_settings
 from serving.storage import ImageStore, StorageConfig
 from serving.worker import Worker
-from tests.serving.conftest import ACCESS_KEY, SECRET_KEY, FaultProxy, running_fault_proxy, running_hung_server, HungServer
+from tests.serving.conftest import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    FaultProxy,
+    HungServer,
+    running_fault_proxy,
+    running_hung_server,
+)
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 LIMIT_MB = 1
@@ -435,3 +442,66 @@ def test_webp_is_the_default_and_png_ignores_output_quality_in_cache_key_and_ech
     again = run(worker, {**job, "output_quality": 95})  # PNG is lossless: the same image, the same key
     assert again["images_from_cache"] == 1 and again["images"][0]["key"] == first["images"][0]["key"]
     assert run(worker, {**job, "output_format": "webp", "output_quality": 40})["images_from_cache"] == 0
+
+
+def test_an_encode_or_delivery_crash_is_that_images_error_not_a_hung_job(worker, monkeypatch):
+    import serving.worker as worker_module
+
+    real, calls, lock = worker_module.encode_image, [], threading.Lock()
+
+    def flaky(*args, **kwargs):
+        with lock:
+            calls.append(1)
+            if len(calls) == 2:
+                raise MemoryError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker_module, "encode_image", flaky)
+    result = run(worker, {"prompt": "a paper boat", "num_images": 3, "seed": 60, "delivery": "url", **SMALL})
+    assert len(result["images"]) == 2 and len(result["errors"]) == 1
+    (error,) = result["errors"]
+    assert error["code"] == "internal_error" and "MemoryError" in error["message"]  # not "timeout" after JOB_TIMEOUT_S
+    assert result["timings_ms"]["total"] < 30_000
+
+
+def test_cache_key_covers_the_numerics_that_change_pixels(worker, monkeypatch):
+    job = {"prompt": "a tin robot", "seed": 1000, "delivery": "url", **SMALL}
+    assert run(worker, job)["images_from_cache"] == 0
+    assert run(worker, job)["images_from_cache"] == 1
+    # the same model with FP8 weights makes other pixels: it must not be served this worker's images
+    monkeypatch.setattr(worker.engine.acceleration, "fp8", True)
+    assert run(worker, job)["images_from_cache"] == 0
+    monkeypatch.setattr(worker.engine.acceleration, "fp8", False)
+    monkeypatch.setattr(worker.engine, "dtype", __import__("torch").bfloat16)
+    assert run(worker, job)["images_from_cache"] == 0
+
+
+def png_b64(rgb) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def face(seed: int):
+    """Mid-grey noise: the demo face detector finds exactly one face in it."""
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(60, 200, size=(96, 128, 3), dtype=np.uint8)
+
+
+def test_consistent_mode_images_are_cached_per_reference(worker):
+    job = {"prompt": "portrait", "mode": "consistent", "reference_image": png_b64(face(42)), "seed": 5,
+           "delivery": "url", "width": 64, "height": 64, "steps": 2, "guidance_scale": 3.5}
+    first = run(worker, job)
+    assert first["mode"] == "consistent" and first["images_from_cache"] == 0 and first["batch_sizes"] == [1]
+    again = run(worker, job)
+    assert again["images_from_cache"] == 1 and again["batch_sizes"] == [] and again["identity_cache_hit"] is True
+    assert again["images"][0]["key"] == first["images"][0]["key"]
+    other = run(worker, {**job, "reference_image": png_b64(face(43))})
+    assert other["images_from_cache"] == 0 and other["images"][0]["key"] != first["images"][0]["key"]
+    weaker = run(worker, {**job, "id_weight": 0.5})
+    assert weaker["images_from_cache"] == 0

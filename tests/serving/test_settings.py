@@ -14,7 +14,7 @@ from serving.settings import REPO_ROOT, Settings, SettingsError, load_settings
 from serving.storage import StorageConfig
 
 DOC = (REPO_ROOT / "docs" / "CONFIGURATION.md").read_text()
-ROW = re.compile(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", re.M)
+ROW = re.compile(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", re.MULTILINE)
 
 
 def documented() -> dict[str, str]:
