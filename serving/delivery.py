@@ -17,17 +17,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from serving.errors import JobError
 from serving.outputs import CONTENT_TYPES, base64_entry
-from serving.storage import ImageStore, StorageError, StoredObject
+from serving.storage import (
+    PUBLIC_ONLY,
+    ImageStore,
+    StorageConfig,
+    StorageConfigError,
+    StorageError,
+    StoredObject,
+    storage_config_from_job,
+)
 
+log = logging.getLogger(__name__)
 # Lower bounds of encoded size per pixel for the up-front checks (a job certain to overflow is
 # refused or sent to storage before it runs); the real size of every chunk is counted as produced.
 MIN_BYTES_PER_PIXEL = {"png": 0.5, "webp": 0.05, "jpeg": 0.05}
@@ -44,6 +55,21 @@ class StorageIO:
     pool: Executor
     delivery_timeout_s: float
     lookup_timeout_s: float
+
+
+async def open_job_store(s3_config: Any, defaults: StorageConfig | None, io: StorageIO, *, allow_private: bool,
+                         resolve_timeout_s: float) -> ImageStore:
+    """A job's own store from its `s3Config`, checked on the storage pool within
+    `resolve_timeout_s` (a host whose DNS does not answer in time is refused like a private one:
+    the same words, nothing to learn), then built there too (making a client takes a while)."""
+    loop = asyncio.get_running_loop()
+    check = loop.run_in_executor(io.pool, partial(storage_config_from_job, s3_config, defaults,
+                                                  allow_private=allow_private))
+    try:
+        config = await asyncio.wait_for(check, resolve_timeout_s)
+    except TimeoutError:
+        raise StorageConfigError(PUBLIC_ONLY, field="s3Config.endpointUrl") from None
+    return await loop.run_in_executor(io.pool, ImageStore, config)
 
 
 @dataclass
@@ -154,6 +180,9 @@ class Delivery:
                                   f"upload not done within DELIVERY_TIMEOUT_S={self.io.delivery_timeout_s:g} s")
         except StorageError as err:
             return self._fallback(delivered, "upload_failed", f"upload failed ({err.code})")
+        except Exception:  # a bug here is this image's failure, never a silent loss
+            log.exception("settling the upload of image %d failed", delivered.meta["index"])
+            return self._fallback(delivered, "upload_failed", "upload failed (error)")
         return Delivered({**delivered.meta, "url": stored.url, "key": stored.key})
 
     def _upload(

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 MAX_URL_TTL_S = 604800
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 UNREACHABLE = "unreachable"  # one code for refused, timed out, DNS: a job learns nothing about ports
+PUBLIC_ONLY = "must resolve to public addresses only"
 
 
 class StorageConfigError(ValueError):
@@ -210,7 +211,7 @@ def _check_public_endpoint(endpoint_url: str) -> None:
     answers public here and private a moment later (rebinding) is not stopped by this check.
     """
     parts = urlsplit(endpoint_url)
-    refusal = StorageConfigError("must resolve to public addresses only", field="s3Config.endpointUrl")
+    refusal = StorageConfigError(PUBLIC_ONLY, field="s3Config.endpointUrl")
     try:
         infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
         for info in infos:

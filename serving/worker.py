@@ -29,7 +29,7 @@ from pipelines.pulid_flux import Cancelled, PuLIDFluxPipeline
 from pipelines.samplers import SamplingStopped
 from pipelines.z_image import BatchResult, BatchSpec, ImageItem, ZImageEngine, pick_device, serving_dtype
 from serving.batcher import Batcher, ImageOutcome
-from serving.delivery import Delivered, Delivery, StorageIO
+from serving.delivery import Delivered, Delivery, StorageIO, open_job_store
 from serving.errors import JobError
 from serving.outputs import effective_quality, encode_image, image_chunk, image_error_chunk
 from serving.reference_image import load_reference_image
@@ -38,7 +38,7 @@ from serving.schema import (
     MIN_SIDE, MODE_DEFAULTS, SIZE_MULTIPLE, CapabilitiesRequest, GenerateRequest, parse_job_input,
 )
 from serving.settings import Settings
-from serving.storage import ImageStore, StorageConfigError, storage_config_from_job
+from serving.storage import ImageStore, StorageConfigError
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,7 @@ class Worker:
             ImageItem(request.prompt, request.negative_prompt, (seed + i) % (MAX_SEED + 1))
             for i in range(request.num_images)
         ]
-        delivery = Delivery.plan(request.delivery, self._store_for(s3_config), self.settings.max_response_bytes,
+        delivery = Delivery.plan(request.delivery, await self._store_for(s3_config), self.settings.max_response_bytes,
                                  request.width * request.height, request.num_images, request.output_format,
                                  io=self.storage_io, chunk_limit_bytes=self.settings.max_chunk_bytes)
         if mode == "fast":
@@ -260,15 +260,17 @@ class Worker:
         await self._find_cached(plan)
         return plan
 
-    def _store_for(self, s3_config: Any) -> ImageStore | None:
+    async def _store_for(self, s3_config: Any) -> ImageStore | None:
+        """The deployment's store, or the job's own `s3Config`, checked (a DNS lookup) and built
+        on the storage pool: neither may block the event loop."""
         if s3_config is None:
             return self.store
         try:
-            config = storage_config_from_job(s3_config, self.settings.storage,
-                                             allow_private=self.settings.job_storage_allow_private)
+            return await open_job_store(s3_config, self.settings.storage, self.storage_io,
+                                        allow_private=self.settings.job_storage_allow_private,
+                                        resolve_timeout_s=self.settings.storage_connect_timeout_s)
         except StorageConfigError as err:
             raise JobError("invalid_input", err.rule, field=err.field) from None
-        return ImageStore(config)
 
     async def _plan_consistent(self, request: GenerateRequest, items: list[ImageItem], delivery: Delivery) -> JobPlan:
         loop = asyncio.get_running_loop()
