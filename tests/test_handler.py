@@ -94,7 +94,7 @@ def test_png_carries_the_engines_pixels_exactly(handler_module):
         ({"prompt": "x", "steps": 4, "identity_start_step": 4, "mode": "consistent", "reference_image": "aGk="},
          "invalid_input: identity_start_step: must be less than steps"),
         ({"prompt": "x", "delivery": "url"}, "invalid_input: delivery: url delivery needs storage"),
-        ({"prompt": "x", "num_images": 16, "width": 2048, "height": 2048},
+        ({"prompt": "x", "num_images": 16, "width": 2048, "height": 2048, "output_format": "png"},
          "payload_too_large: delivery:"),
         ("not an object", "invalid_input: input: must be a JSON object"),
     ],
