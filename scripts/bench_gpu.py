@@ -154,7 +154,7 @@ def run(size: str, fp8: bool, out_dir: Path) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = serving_dtype(device)
     config = CONFIGS[size]
-    settings = dataclasses.replace(load_settings(), fp8=fp8)
+    settings = load_settings().model_copy(update={"fp8": fp8})
     plan = acceleration_plan(settings, device)
     result: dict[str, Any] = {"size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
                               "torch": torch.__version__, "plan": {k: str(v) for k, v in dataclasses.asdict(plan).items()}}

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from serving.batcher import Batcher, ImageOutcome
-from serving.delivery import Delivered
-from serving.outputs import encode_image, image_chunk, image_error_chunk
+from serving.delivery import Delivered, PendingUpload
+from serving.outputs import effective_quality, encode_image, image_chunk, image_error_chunk
 from serving.planning import JobPlan, model_fields, spec_fields
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class JobTally:
     batch_sizes: list[int] = field(default_factory=list)
     batch_ids: set[int] = field(default_factory=set)
     first_image_ms: float | None = None
+    switched_to_url: bool = False
 
     def count_batch(self, outcome: ImageOutcome) -> None:
         """A model call's timings, once per job however many of its images the call made."""
@@ -55,8 +56,10 @@ class JobTally:
         return timings
 
 
-def _post_process(plan: JobPlan, job_id: str, outcome: ImageOutcome) -> tuple[ImageOutcome, Delivered | None, float]:
-    """Runs in the encode pool, while the GPU thread goes on with the next batch. Never raises: an
+def _post_process(plan: JobPlan, job_id: str,
+                  outcome: ImageOutcome) -> tuple[ImageOutcome, Delivered | PendingUpload | None, float]:
+    """Runs in the encode pool, while the GPU thread goes on with the next batch; an upload is only
+    handed to the storage pool here (`Delivery.settle` waits for it, on the loop). Never raises: an
     exception here would leave the image missing until JOB_TIMEOUT_S."""
     if outcome.pixels is None:
         return outcome, None, 0.0
@@ -82,9 +85,13 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Bat
     total = len(plan.items)
     finished: asyncio.Queue[tuple[ImageOutcome, Delivered | None, float]] = asyncio.Queue()
 
+    async def settle(result: tuple[ImageOutcome, Delivered | PendingUpload | None, float]) -> None:
+        outcome, delivered, encode_ms = result
+        finished.put_nowait((outcome, await plan.delivery.settle(delivered), encode_ms))
+
     def on_outcome(outcome: ImageOutcome) -> None:  # the GPU thread
         future = encode_pool.submit(_post_process, plan, job_id, outcome)
-        future.add_done_callback(lambda f: loop.call_soon_threadsafe(finished.put_nowait, f.result()))
+        future.add_done_callback(lambda f: asyncio.run_coroutine_threadsafe(settle(f.result()), loop))
 
     progress(job, {"completed": 0, "total": total})
     for index, entry in sorted(plan.cached_entries.items()):
@@ -105,6 +112,7 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Bat
             seen.add(outcome.index)
             if delivered is not None and delivered.entry is not None:
                 tally.image_done()
+                tally.switched_to_url |= delivered.switched_to_url
                 yield image_chunk(delivered.entry, tally.completed + tally.failed, total)
             else:
                 tally.failed += 1
@@ -132,7 +140,8 @@ def summarize(plan: JobPlan, tally: JobTally, timings: dict[str, float]) -> dict
     model = model_fields(plan.engine)
     settings = {
         "mode": plan.mode.name, **spec_fields(spec), "num_images": request.num_images, "seed": plan.seed,
-        "output_format": request.output_format, "output_quality": request.output_quality,
+        "output_format": request.output_format,
+        "output_quality": effective_quality(request.output_format, request.output_quality),
         "delivery": plan.delivery.method,
     }
     summary = {
@@ -148,8 +157,8 @@ def summarize(plan: JobPlan, tally: JobTally, timings: dict[str, float]) -> dict
         "model": {"id": model["id"], "revision": model["revision"], "demo": model["demo"]},
         **plan.mode.summary_notes,
     }
-    if plan.delivery.switched_to_url:
-        summary["delivery_note"] = "base64 would pass the result limit: images were uploaded instead"
+    if plan.delivery.switched_to_url or tally.switched_to_url:
+        summary["delivery_note"] = "base64 would pass the result or stream chunk limit: images were uploaded instead"
     if plan.fallback_reason:
         summary["fallback_reason"] = plan.fallback_reason
     if model["demo"]:

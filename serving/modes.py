@@ -33,6 +33,7 @@ class ModeChoice:
     engine: Engine
     spec: Any
     summary_notes: dict[str, Any] = field(default_factory=dict)
+    loras: tuple[tuple[Any, float], ...] = ()  # (adapter, scale) for every image of the job
 
 
 def sampling_defaults(mode: str) -> dict[str, Any]:

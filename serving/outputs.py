@@ -8,25 +8,35 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from serving.schema import DEFAULT_QUALITY
 
-# Chosen for speed at 1024² (REFERENCE: PNG level 1 ≈ 70-100 ms vs 150-300 ms default; WebP
-# method 0 ≈ 35 ms vs ≈ 100 ms; JPEG q90 ≈ 3 ms). The images are large and short-lived.
+# Chosen for speed at 1024² on a photo-like image (docs/STORAGE.md, scripts/bench_encode.py): PNG
+# level 1 and WebP method 0 are the fastest settings of each codec and still far smaller than their
+# defaults are slow. The images are large and short-lived.
 PNG_COMPRESS_LEVEL = 1
 WEBP_METHOD = 0
 CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+def effective_quality(image_format: str, quality: int | None) -> int | None:
+    """The quality an image is encoded at: the request's or the format's default; None for PNG,
+    which is lossless (so a quality never splits its result cache nor appears in its settings)."""
+    if image_format == "png":
+        return None
+    return quality or DEFAULT_QUALITY[image_format]
 
 
 def encode_image(pixels: np.ndarray, image_format: str, quality: int | None) -> bytes:
     """uint8 HxWx3 → file bytes in the requested format."""
     image = Image.fromarray(pixels, mode="RGB") if pixels.ndim == 3 else Image.fromarray(pixels)
     buffer = io.BytesIO()
-    quality = quality or DEFAULT_QUALITY[image_format]
+    quality = effective_quality(image_format, quality)
     if image_format == "png":
         image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     elif image_format == "webp":

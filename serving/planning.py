@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.engine import Engine, ImageItem
-from serving.delivery import Delivery
+from serving.delivery import Delivery, StorageIO, open_job_store
 from serving.errors import JobError
 from serving.modes import ModeChoice, Modes
-from serving.outputs import image_entry
+from serving.outputs import effective_quality, image_entry
 from serving.schema import MAX_SEED, GenerateRequest
 from serving.settings import Settings
-from serving.storage import ImageStore, StorageConfigError, storage_config_from_job
+from serving.storage import ImageStore, StorageConfigError
 
 
 def spec_fields(spec: Any) -> dict[str, Any]:
@@ -63,45 +63,44 @@ class JobPlan:
         return {
             "model": model_fields(self.engine), "mode": self.mode.name, **spec_fields(spec),
             "prompt": item.prompt, "negative_prompt": item.negative_prompt if spec.cfg else "", "seed": item.seed,
-            "format": request.output_format, "quality": request.output_quality,
+            "format": request.output_format, "quality": effective_quality(request.output_format, request.output_quality),
         }
 
 
-def job_store(s3_config: Any, settings: Settings, default: ImageStore | None) -> ImageStore | None:
-    """The deployment's store, or the job's own RunPod `s3Config`."""
+async def job_store(s3_config: Any, settings: Settings, default: ImageStore | None, io: StorageIO) -> ImageStore | None:
+    """The deployment's store, or the job's own RunPod `s3Config`, checked (a DNS lookup) and built
+    on the storage pool: neither may block the event loop."""
     if s3_config is None:
         return default
-    if not isinstance(s3_config, dict):
-        raise JobError("invalid_input", "must be an object", field="s3Config")
     try:
-        config = storage_config_from_job(s3_config, settings.storage)
+        return await open_job_store(s3_config, settings.storage, io, allow_private=settings.job_storage_allow_private,
+                                    resolve_timeout_s=settings.storage_connect_timeout_s)
     except StorageConfigError as err:
-        raise JobError("invalid_input", str(err), field="s3Config") from None
-    return ImageStore(config)
+        raise JobError("invalid_input", err.rule, field=err.field) from None
 
 
 async def plan_job(request: GenerateRequest, s3_config: Any, modes: Modes, settings: Settings,
-                   store: ImageStore | None, storage_pool: Any) -> JobPlan:
+                   store: ImageStore | None, io: StorageIO) -> JobPlan:
     if request.width * request.height > settings.max_pixels:
         raise JobError("invalid_input", f"width x height must be at most {settings.max_pixels} pixels", field="width")
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    items = [ImageItem(request.prompt, request.negative_prompt, (seed + i) % (MAX_SEED + 1))
-             for i in range(request.num_images)]
-    delivery = Delivery.plan(request.delivery, job_store(s3_config, settings, store), settings.max_response_bytes,
-                             request.width * request.height, request.num_images, request.output_format)
+    delivery = Delivery.plan(request.delivery, await job_store(s3_config, settings, store, io),
+                             settings.max_response_bytes, request.width * request.height, request.num_images,
+                             request.output_format, io=io, chunk_limit_bytes=settings.max_chunk_bytes)
     mode, fallback_reason = await modes.choose(request)
+    items = [ImageItem(request.prompt, request.negative_prompt, (seed + i) % (MAX_SEED + 1), mode.loras)
+             for i in range(request.num_images)]
     plan = JobPlan(request, seed, mode, items, delivery, fallback_reason)
-    await find_cached(plan, storage_pool)
+    await find_cached(plan)
     return plan
 
 
-async def find_cached(plan: JobPlan, pool: Any) -> None:
-    """Images already in the bucket from an identical request: found by HEAD, never regenerated."""
+async def find_cached(plan: JobPlan) -> None:
+    """Images already in the bucket from an identical request: found by HEAD (bounded by
+    CACHE_LOOKUP_TIMEOUT_S on the storage pool), never regenerated."""
     if not plan.delivery.use_cache:
         return
-    loop = asyncio.get_running_loop()
-    lookups = [loop.run_in_executor(pool, plan.delivery.cached, plan.cache_params(item), plan.request.output_format)
-               for item in plan.items]
+    lookups = [plan.delivery.cached(plan.cache_params(item), plan.request.output_format) for item in plan.items]
     for index, (item, found) in enumerate(zip(plan.items, await asyncio.gather(*lookups))):
         if found is not None:
             plan.cached_entries[index] = image_entry(index, item.seed, plan.spec.width, plan.spec.height,

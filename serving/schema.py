@@ -58,7 +58,7 @@ class GenerateRequest(BaseModel):
     workflow: Workflow = "auto"
     eta: float | None = Field(default=None, ge=0, le=1)  # danrisi's SDE noise share (default 0.5)
     mode: Mode = "fast"
-    output_format: ImageFormat = "png"
+    output_format: ImageFormat = "webp"
     output_quality: int | None = None
     delivery: Literal["base64", "url"] = "base64"
     reference_image: str | None = None

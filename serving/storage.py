@@ -1,12 +1,13 @@
 """S3-compatible delivery of generated images (AWS S3, Cloudflare R2, MinIO, Backblaze B2, GCS).
 
-Self-contained: configuration comes in as a `StorageConfig` (built once from the environment by
-`storage_config_from_env`, or per job from RunPod's `s3Config` by `storage_config_from_job`);
-nothing here reads the environment or imports other serving modules.
+Configuration comes in as a `StorageConfig`: the deployment's, built once by `serving.settings`,
+or a job's, built from RunPod's `s3Config` by `storage_config_from_job` (which applies the same
+public-address rules as a reference image URL). Nothing here reads the environment.
 
 Failure contract for the worker: `ImageStore.put` either returns a `StoredObject` or raises
-`StorageError` (after retrying transient failures), so one failed upload becomes one per-image
-fallback, never a failed job. `ImageStore.lookup` never raises.
+`StorageError` (botocore's `standard` retry mode has retried what is transient by then), so one
+failed upload becomes one per-image fallback, never a failed job. `ImageStore.lookup` never
+raises. Both block: the worker runs them on its storage pool under a deadline (serving/delivery.py).
 """
 
 from __future__ import annotations
@@ -16,49 +17,51 @@ import hashlib
 import json
 import logging
 import math
-import random
 import re
+import socket
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import boto3
 from botocore.client import BaseClient
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionError as BotoConnectionError,
-    HTTPClientError,
-    IncompleteReadError,
-    SSLError,
-)
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from cachetools import LRUCache, cached
+
+from serving.errors import JobError
+from serving.reference_image import check_public_address
 
 log = logging.getLogger(__name__)
 
 # SigV4 presigned URLs cannot live longer than 7 days on any S3-compatible service.
 MAX_URL_TTL_S = 604800
 CACHE_CONTROL = "public, max-age=31536000, immutable"
+UNREACHABLE = "unreachable"  # one code for refused, timed out, DNS: a job learns nothing about ports
+PUBLIC_ONLY = "must resolve to public addresses only"
 
 
 class StorageConfigError(ValueError):
-    """Storage settings are missing or invalid; the message names the setting or field."""
+    """Storage settings are missing or invalid. `field` names the setting or `s3Config` field."""
+
+    def __init__(self, rule: str, field: str | None = None) -> None:
+        super().__init__(f"{field}: {rule}" if field else rule)
+        self.field = field
+        self.rule = rule
 
 
 class StorageError(Exception):
-    """An upload failed for good. `transient` says whether the last failure looked temporary
-    (5xx, throttling, connection) so the worker can tell an outage from a misconfiguration."""
+    """An upload failed for good: `code` is the S3 error code, or `unreachable` for any
+    connection-level failure; `attempts` how many requests botocore made."""
 
-    def __init__(self, message: str, *, key: str, transient: bool, attempts: int,
-                 code: str | None = None) -> None:
+    def __init__(self, message: str, *, key: str, attempts: int, code: str) -> None:
         super().__init__(message)
         self.key = key
-        self.transient = transient
         self.attempts = attempts
         self.code = code
 
@@ -78,22 +81,29 @@ class StorageConfig:
     url_ttl_s: int = MAX_URL_TTL_S
     result_cache: bool = True
     upload_workers: int = 4
-    connect_timeout_s: float = 5.0
-    read_timeout_s: float = 30.0
+    connect_timeout_s: float = 3.0
+    read_timeout_s: float = 10.0
+    max_attempts: int = 3
 
     def __post_init__(self) -> None:
         for name in ("bucket", "access_key_id", "secret_access_key", "region"):
-            if not getattr(self, name):
-                raise StorageConfigError(f"storage: {name} must not be empty")
+            value = getattr(self, name)
+            if not value:
+                raise StorageConfigError("must not be empty", field=name)
+            if _CONTROL.search(value):  # botocore would refuse the header on every request
+                raise StorageConfigError("must not contain control characters", field=name)
         if not 1 <= self.url_ttl_s <= MAX_URL_TTL_S:
-            raise StorageConfigError(
-                f"storage: url_ttl_s must be in 1..{MAX_URL_TTL_S} (SigV4 limit), got {self.url_ttl_s}")
-        if self.upload_workers < 1:
-            raise StorageConfigError("storage: upload_workers must be at least 1")
+            raise StorageConfigError(f"must be in 1..{MAX_URL_TTL_S} (SigV4 limit)", field="url_ttl_s")
+        for name in ("upload_workers", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise StorageConfigError("must be at least 1", field=name)
         for name in ("endpoint_url", "public_base_url"):
             value = getattr(self, name)
             if value is not None and not _is_http_url(value):
-                raise StorageConfigError(f"storage: {name} must be an http(s) URL with a host")
+                raise StorageConfigError("must be an http(s) URL with a host", field=name)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _is_http_url(value: str) -> bool:
@@ -114,30 +124,11 @@ class StoredObject:
     url: str
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter for transient failures. Retries live here rather than in
-    botocore so attempts and delays are explicit, testable and not multiplied by two layers."""
-
-    max_attempts: int = 4
-    base_delay_s: float = 0.25
-    max_delay_s: float = 4.0
-
-    def delay(self, attempt: int) -> float:
-        """Sleep before retry number `attempt` (1-based): half fixed, half random, so parallel
-        uploads that failed together do not retry in lockstep."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-        return ceiling * (0.5 + random.random() / 2)
-
-
 # --------------------------------------------------------------------------------------------
 # configuration
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 _AWS_HOST = re.compile(r"^s3[.-](?P<region>[a-z0-9-]+)\.amazonaws\.com$")
 _B2_HOST = re.compile(r"^s3\.(?P<region>[a-z0-9-]+)\.backblazeb2\.com$")
-_AWS_VHOST = re.compile(r"^(?P<bucket>[^.]+)\.s3([.-][a-z0-9-]+)?\.amazonaws\.com$")
 
 
 def _hostname(url: str) -> str:
@@ -168,106 +159,71 @@ def default_region(endpoint_url: str | None) -> str:
     return "us-east-1"
 
 
-def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise StorageConfigError(f"{name} must be one of on/off, true/false, 1/0; got {value!r}")
-
-
-def _parse_int(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise StorageConfigError(f"{name} must be an integer; got {value!r}") from None
-
-
-def storage_config_from_env(environ: Mapping[str, str]) -> StorageConfig | None:
-    """Build the deployment's storage config once at start-up, or None when no bucket setting
-    is present (images are then returned inline). A partial configuration raises, naming the
-    missing variables: silently falling back to base64 would hide a broken deployment."""
-
-    def get(name: str) -> str | None:
-        value = environ.get(name, "").strip()
-        return value or None
-
-    core = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
-    if not any(get(name) for name in core):
-        return None
-    missing = [name for name in core[1:] if not get(name)]
-    if missing:
-        hint = ""
-        endpoint = get("BUCKET_ENDPOINT_URL")
-        if "BUCKET_NAME" in missing and endpoint:
-            vhost = _AWS_VHOST.match(_hostname(endpoint))
-            if vhost:
-                hint = (f" (BUCKET_ENDPOINT_URL names bucket {vhost['bucket']!r} in its host: set "
-                        "BUCKET_NAME to it and BUCKET_ENDPOINT_URL to the service endpoint)")
-        raise StorageConfigError(f"storage settings incomplete: missing {', '.join(missing)}{hint}")
-
-    endpoint_url = get("BUCKET_ENDPOINT_URL")
-    ttl = get("BUCKET_URL_TTL_S")
-    workers = get("BUCKET_UPLOAD_WORKERS")
-    cache = get("RESULT_CACHE")
-    return StorageConfig(
-        bucket=get("BUCKET_NAME") or "",
-        access_key_id=get("BUCKET_ACCESS_KEY_ID") or "",
-        secret_access_key=get("BUCKET_SECRET_ACCESS_KEY") or "",
-        endpoint_url=endpoint_url,
-        region=get("BUCKET_REGION") or default_region(endpoint_url),
-        key_prefix=(get("BUCKET_KEY_PREFIX") or "z-image").strip("/"),
-        public_base_url=get("BUCKET_PUBLIC_BASE_URL"),
-        url_ttl_s=_parse_int("BUCKET_URL_TTL_S", ttl) if ttl else MAX_URL_TTL_S,
-        result_cache=_parse_bool("RESULT_CACHE", cache) if cache else True,
-        upload_workers=_parse_int("BUCKET_UPLOAD_WORKERS", workers) if workers else 4,
-    )
-
-
 _JOB_FIELDS = ("accessId", "accessSecret", "bucketName", "endpointUrl")
 
 
-def storage_config_from_job(s3_config: Mapping[str, Any], defaults: StorageConfig | None) -> StorageConfig:
+def storage_config_from_job(s3_config: Any, defaults: StorageConfig | None, *, allow_private: bool = False) -> StorageConfig:
     """Config for RunPod's per-job `s3Config`: the caller's own bucket and credentials.
 
-    Key prefix, URL lifetime, upload pool and timeouts come from `defaults`. Not inherited: the
-    region (derived from the job's endpoint, it may be another provider), the public base URL
-    (it serves the deployment's bucket, not this one) and the result cache (we write only the
-    images the caller asked for into the caller's bucket).
+    The endpoint must resolve to public addresses only (`allow_private` lifts that for a
+    deployment whose clients use a private MinIO). Key prefix, URL lifetime, pool and timeouts
+    come from `defaults`. Not inherited: the region (derived from the job's endpoint, it may be
+    another provider), the public base URL (it serves the deployment's bucket, not this one) and
+    the result cache (we write only the images the caller asked for into the caller's bucket).
+    Errors carry the `s3Config.<field>` they blame and say nothing about the host.
     """
     if not isinstance(s3_config, Mapping):
-        raise StorageConfigError("s3Config must be an object")
+        raise StorageConfigError("must be an object", field="s3Config")
+    values = {}
     for name in _JOB_FIELDS:
         value = s3_config.get(name)
-        if not isinstance(value, str) or not value.strip():
-            raise StorageConfigError(f"s3Config.{name} is missing or empty")
-    endpoint_url = s3_config["endpointUrl"].strip()
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise StorageConfigError("is missing or empty", field=f"s3Config.{name}")
+        if not isinstance(value, str):
+            raise StorageConfigError("must be a string", field=f"s3Config.{name}")
+        if _CONTROL.search(value.strip()):
+            raise StorageConfigError("must not contain control characters", field=f"s3Config.{name}")
+        values[name] = value.strip()
+    endpoint_url = values["endpointUrl"]
+    if not _is_http_url(endpoint_url):
+        raise StorageConfigError("must be an http(s) URL with a host", field="s3Config.endpointUrl")
+    if not allow_private:
+        _check_public_endpoint(endpoint_url)
     base = defaults or StorageConfig(bucket="-", access_key_id="-", secret_access_key="-")
+    return replace(
+        base,
+        bucket=values["bucketName"],
+        access_key_id=values["accessId"],
+        secret_access_key=values["accessSecret"],
+        endpoint_url=endpoint_url,
+        region=default_region(endpoint_url),
+        public_base_url=None,
+        result_cache=False,
+    )
+
+
+def _check_public_endpoint(endpoint_url: str) -> None:
+    """Every address the host resolves to must be public (reference_image's rules: loopback,
+    private, link-local, reserved and IPv4-mapped/translated forms are refused). One message for
+    "does not resolve" and "not public", so a job cannot map internal names either.
+
+    Residual risk: botocore resolves the name again when it connects, so a DNS server that
+    answers public here and private a moment later (rebinding) is not stopped by this check.
+    """
+    parts = urlsplit(endpoint_url)
+    refusal = StorageConfigError(PUBLIC_ONLY, field="s3Config.endpointUrl")
     try:
-        return replace(
-            base,
-            bucket=s3_config["bucketName"].strip(),
-            access_key_id=s3_config["accessId"].strip(),
-            secret_access_key=s3_config["accessSecret"].strip(),
-            endpoint_url=endpoint_url,
-            region=default_region(endpoint_url),
-            public_base_url=None,
-            result_cache=False,
-        )
-    except StorageConfigError as exc:
-        raise StorageConfigError(f"s3Config: {exc}") from None
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+        for info in infos:
+            check_public_address(info[4][0])
+    except (OSError, UnicodeError, ValueError, JobError):
+        raise refusal from None
 
 
 # --------------------------------------------------------------------------------------------
 # clients
 
-_CLIENT_CACHE_SIZE = 16
-_clients: OrderedDict[tuple[Any, ...], BaseClient] = OrderedDict()
-_clients_lock = threading.Lock()
-
-
-def _botocore_config(config: StorageConfig) -> Config:
+def _botocore_config(config: StorageConfig, attempts: int) -> Config:
     """One config that works on AWS, R2, MinIO, B2 and GCS interop.
 
     - checksums "when_required": boto3 >= 1.36 otherwise adds CRC32 trailers/headers that R2,
@@ -276,9 +232,9 @@ def _botocore_config(config: StorageConfig) -> Config:
       the endpoint host, which breaks IP/loopback endpoints and MinIO without wildcard DNS;
       R2, B2 and GCS accept both. Plain AWS (no endpoint) keeps virtual hosting, which AWS
       requires for new buckets.
-    - the connection pool matches the upload pool, plus headroom for cache lookups running
-      on other threads at the same time.
-    - botocore's own retries are off: `ImageStore` retries with its explicit `RetryPolicy`.
+    - one connection per storage thread (`upload_workers` sizes the worker's storage pool).
+    - botocore's `standard` retries: 5xx, throttling codes and connection errors/timeouts, with
+      jittered exponential backoff; 4xx answers are not retried.
     """
     s3: dict[str, Any] = {"addressing_style": "path" if config.endpoint_url else "auto"}
     return Config(
@@ -287,40 +243,35 @@ def _botocore_config(config: StorageConfig) -> Config:
         s3=s3,
         connect_timeout=config.connect_timeout_s,
         read_timeout=config.read_timeout_s,
-        max_pool_connections=config.upload_workers + 2,
-        retries={"mode": "standard", "total_max_attempts": 1},
+        max_pool_connections=config.upload_workers,
+        retries={"mode": "standard", "total_max_attempts": attempts},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
         tcp_keepalive=True,
     )
 
 
-def get_client(config: StorageConfig) -> BaseClient:
-    """The shared client for this config's connection settings (created once, thread-safe).
+def _client_key(config: StorageConfig, attempts: int) -> tuple[Any, ...]:
+    return (config.endpoint_url, config.region, config.access_key_id, config.secret_access_key,
+            config.upload_workers, config.connect_timeout_s, config.read_timeout_s, attempts)
+
+
+@cached(LRUCache(maxsize=16), key=_client_key, lock=threading.Lock())
+def get_client(config: StorageConfig, attempts: int) -> BaseClient:
+    """The shared client for this config's connection settings and attempt count.
 
     Keyed on what the connection depends on, so stores for different buckets with the same
     credentials share one connection pool. Bounded LRU: per-job credentials must not make the
-    cache grow without limit.
+    cache grow without limit. A private session per client: boto3's default one is not
+    thread-safe.
     """
-    cache_key = (config.endpoint_url, config.region, config.access_key_id, config.secret_access_key,
-                 config.upload_workers, config.connect_timeout_s, config.read_timeout_s)
-    with _clients_lock:
-        client = _clients.get(cache_key)
-        if client is not None:
-            _clients.move_to_end(cache_key)
-            return client
-        # A private session per client: boto3's default session is not thread-safe.
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=config.endpoint_url,
-            aws_access_key_id=config.access_key_id,
-            aws_secret_access_key=config.secret_access_key,
-            config=_botocore_config(config),
-        )
-        _clients[cache_key] = client
-        if len(_clients) > _CLIENT_CACHE_SIZE:
-            _clients.popitem(last=False)
-        return client
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=config.endpoint_url,
+        aws_access_key_id=config.access_key_id,
+        aws_secret_access_key=config.secret_access_key,
+        config=_botocore_config(config, attempts),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,69 +319,40 @@ def _check_ext(ext: str) -> str:
 # --------------------------------------------------------------------------------------------
 # the store
 
-def _error_code(exc: ClientError) -> tuple[int, str]:
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    return status, str(exc.response.get("Error", {}).get("Code") or status)
+_CONNECTION_ERRORS = (BotoConnectionError, HTTPClientError)
 
 
-# S3 error codes that mean "try again" even when they come with a 4xx status.
-_TRANSIENT_CODES = {
-    "RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete", "SlowDown",
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "RequestLimitExceeded", "TooManyRequestsException", "InternalError", "ServiceUnavailable",
-}
-
-
-def is_transient(exc: BaseException) -> bool:
-    """5xx, 429/throttling and connection-level failures are worth retrying; 4xx answers
-    (auth, missing bucket, bad request) and local errors will not change on retry."""
+def _error_code(exc: BaseException) -> tuple[int, str]:
+    """(HTTP status, S3 error code) of an answer; (0, "unreachable") for every connection-level
+    failure (refused, reset, timed out, DNS): the exception class would tell a job which it was;
+    (0, "error") for a local one (a request botocore refuses to build), which is not retried."""
     if isinstance(exc, ClientError):
-        status, code = _error_code(exc)
-        return status >= 500 or status == 429 or code in _TRANSIENT_CODES
-    if isinstance(exc, SSLError):
-        return False  # certificate problems do not heal by retrying
-    return isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return status, str(exc.response.get("Error", {}).get("Code") or status)
+    return 0, UNREACHABLE if isinstance(exc, _CONNECTION_ERRORS) else "error"
 
 
-def _describe(exc: BaseException) -> str:
-    """A log/exception-safe description: the error code, never request details."""
+def _attempts(exc: BaseException, config: StorageConfig) -> int:
+    """Requests made: botocore counts the retries of an answered request; a connection-level
+    failure is retried to the limit in `standard` mode; a local error is not retried."""
     if isinstance(exc, ClientError):
-        status, code = _error_code(exc)
-        return f"{code} (HTTP {status})"
-    return type(exc).__name__
+        return int(exc.response.get("ResponseMetadata", {}).get("RetryAttempts") or 0) + 1
+    return config.max_attempts if isinstance(exc, _CONNECTION_ERRORS) else 1
 
 
 class ImageStore:
-    """Puts images into one bucket and hands back URLs.
+    """Puts images into one bucket and hands back URLs. Blocking calls: run them off the loop."""
 
-    Uploads run on a bounded thread pool (`submit_put`) so they overlap with generation; pass a
-    shared `executor` when building short-lived per-job stores, so one pool serves them all.
-    """
-
-    def __init__(self, config: StorageConfig, *, retry: RetryPolicy | None = None,
-                 executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, config: StorageConfig) -> None:
         self.config = config
-        self.retry = retry or RetryPolicy()
-        self._client = get_client(config)
-        self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(
-            max_workers=config.upload_workers, thread_name_prefix="image-upload")
+        self._client = get_client(config, config.max_attempts)
         self._prefix = config.key_prefix.strip("/")
 
-    @property
-    def executor(self) -> ThreadPoolExecutor:
-        return self._executor
-
-    def close(self) -> None:
-        """Wait for queued uploads; shuts the pool down only if this store created it."""
-        if self._owns_executor:
-            self._executor.shutdown(wait=True)
-
-    def __enter__(self) -> ImageStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    @cached_property
+    def _lookup_client(self) -> BaseClient:
+        """A lookup is an optimisation on the job's critical path: one attempt, as a false miss
+        only costs a regeneration. Made on first use: per-job stores never look up."""
+        return get_client(self.config, 1)
 
     # keys -----------------------------------------------------------------------------------
 
@@ -461,10 +383,10 @@ class ImageStore:
     # operations -----------------------------------------------------------------------------
 
     def put(self, key: str, data: bytes, content_type: str) -> StoredObject:
-        """Upload `data` under `key`, retrying transient failures; raises `StorageError`."""
+        """Upload `data` under `key` (botocore retries what is transient); raises `StorageError`."""
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
-
-        def attempt() -> None:
+        started = time.monotonic()
+        try:
             self._client.put_object(
                 Bucket=self.config.bucket, Key=key, Body=data, ContentType=content_type,
                 CacheControl=CACHE_CONTROL,
@@ -472,54 +394,30 @@ class ImageStore:
                 # checksum of its own with request_checksum_calculation="when_required".
                 ContentMD5=md5,
             )
-
-        started = time.monotonic()
-        self._retrying(attempt, key)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the one StorageError contract
+            status, code = _error_code(exc)
+            attempts = _attempts(exc, self.config)
+            described = f"{code} (HTTP {status})" if status else code
+            log.warning("upload of %s to %s failed after %d attempt(s): %s", key, self.config.bucket, attempts,
+                        described)
+            raise StorageError(f"upload of {key} failed after {attempts} attempt(s): {described}",
+                               key=key, attempts=attempts, code=code) from None
         log.info("stored %s in %s (%d bytes, %.0f ms)", key, self.config.bucket, len(data),
                  (time.monotonic() - started) * 1000)
         return StoredObject(key=key, url=self.url_for(key))
 
-    def submit_put(self, key: str, data: bytes, content_type: str) -> Future[StoredObject]:
-        """`put` on the upload pool; the Future raises `StorageError` on failure."""
-        return self._executor.submit(self.put, key, data, content_type)
-
     def lookup(self, key: str) -> StoredObject | None:
         """HEAD `key`: the stored object on a hit, None on a miss or any error.
 
-        One attempt, no retries: a cache lookup is an optimisation on the job's critical path,
-        and a false miss only costs a regeneration. 403 is a miss too (S3 answers 403 rather
+        404 is a quiet miss; anything else is a logged miss, 403 included (S3 answers 403 rather
         than 404 for missing keys when the credentials cannot list the bucket).
         """
         try:
-            self._client.head_object(Bucket=self.config.bucket, Key=key)
-        except ClientError as exc:
-            status, _ = _error_code(exc)
-            if status != 404:
-                log.warning("cache lookup of %s in %s failed: %s; treating as a miss", key,
-                            self.config.bucket, _describe(exc))
-            return None
+            self._lookup_client.head_object(Bucket=self.config.bucket, Key=key)
         except Exception as exc:  # noqa: BLE001 - a lookup must never fail the job
-            log.warning("cache lookup of %s in %s failed: %s; treating as a miss", key,
-                        self.config.bucket, _describe(exc))
+            status, code = _error_code(exc)
+            if status != 404:
+                log.warning("cache lookup of %s in %s failed: %s; treating as a miss", key, self.config.bucket,
+                            f"{code} (HTTP {status})" if status else code)
             return None
         return StoredObject(key=key, url=self.url_for(key))
-
-    def _retrying(self, operation: Callable[[], None], key: str) -> None:
-        attempts = 0
-        while True:
-            attempts += 1
-            try:
-                return operation()
-            except (ClientError, BotoCoreError) as exc:
-                transient = is_transient(exc)
-                code = _error_code(exc)[1] if isinstance(exc, ClientError) else type(exc).__name__
-                if not transient or attempts >= self.retry.max_attempts:
-                    log.warning("upload of %s to %s failed after %d attempt(s): %s", key,
-                                self.config.bucket, attempts, _describe(exc))
-                    raise StorageError(
-                        f"upload of {key} to bucket {self.config.bucket} failed after {attempts} "
-                        f"attempt(s): {_describe(exc)}",
-                        key=key, transient=transient, attempts=attempts, code=code) from exc
-                delay = self.retry.delay(attempts)
-                log.info("upload of %s: %s, retry %d in %.2f s", key, _describe(exc), attempts, delay)
-                time.sleep(delay)

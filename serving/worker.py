@@ -16,6 +16,7 @@ from pipelines.engine import Engine
 from pipelines.startup import free_gpu_bytes
 from serving.batcher import Batcher
 from serving.capabilities import capabilities, max_batch_spec
+from serving.delivery import StorageIO
 from serving.device import batch_limit, is_fatal_device_error, is_oom
 from serving.errors import JobError
 from serving.job_runner import ProgressSink, run_plan
@@ -43,7 +44,9 @@ class Worker:
         self.progress_sink: ProgressSink = lambda job, payload: None
         self._free_bytes = free_gpu_bytes() if self.engine.device.type == "cuda" else None
         self.encode_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
-        self.storage_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="storage")
+        # storage I/O has its own threads: a hung bucket can hold these, never the encoders
+        self.storage_io = StorageIO(ThreadPoolExecutor(settings.bucket_upload_workers, thread_name_prefix="storage"),
+                                    settings.delivery_timeout_s, settings.cache_lookup_timeout_s)
         self.store = ImageStore(settings.storage) if settings.storage else None
         self.batcher = Batcher(max_batch_for=self.max_batch_for, wait_s=settings.batch_wait_ms / 1000,
                                is_oom=is_oom, is_fatal=is_fatal_device_error, on_fatal=lambda err: on_fatal())
@@ -72,7 +75,7 @@ class Worker:
                 yield self.capabilities()
                 return
             plan = await plan_job(request, job.get("s3Config"), self.modes, self.settings, self.store,
-                                  self.storage_pool)
+                                  self.storage_io)
         except JobError as err:
             log.info("job %s rejected: %s", job_id, err.message)
             yield {"error": err.message}

@@ -17,7 +17,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SMALL = {"width": 64, "height": 64, "steps": 2}
+SMALL = {"width": 64, "height": 64, "steps": 2, "output_format": "png"}  # lossless: tests compare pixels
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from serving.settings import load_settings
 from serving.worker import Worker
 from tests.conftest import assert_regenerates, pixels, run_job
 
-SMALL = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 3.5}
+SMALL = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 3.5, "output_format": "png"}  # lossless: pixels compared
 PROMPT = "portrait photo of a person"
 
 
@@ -128,7 +128,7 @@ def test_fallback_fast_runs_fast_mode_and_says_so(fast_only):
     assert fell_back["mode_requested"] == "consistent"
     assert fell_back["fallback_reason"] == "consistent mode is unavailable: disabled by PULID_ENABLED=0"
     assert "identity_cache_hit" not in fell_back and fell_back["workflow"].startswith("z-image")
-    fast = run(fast_only, {"prompt": PROMPT, "seed": 11, "width": 64, "height": 64, "steps": 2})
+    fast = run(fast_only, {"prompt": PROMPT, "seed": 11, "width": 64, "height": 64, "steps": 2, "output_format": "png"})
     assert np.array_equal(pixels(fell_back["images"][0]), pixels(fast["images"][0]))  # exactly the fast image
 
 

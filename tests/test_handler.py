@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import json
 import subprocess
@@ -68,7 +67,7 @@ def test_eta_is_refused_where_danrisi_does_not_run(handler_module):
     refused = run_job(handler_module, {"prompt": "x", "workflow": "z-image-simple", "eta": 0.3, **SMALL})
     assert refused["error"] == "invalid_input: eta: is only used by z-image-danrisi"
     served = handler_module.WORKER
-    settings = dataclasses.replace(served.settings, auto_workflow="z-image-simple")
+    settings = served.settings.model_copy(update={"auto_workflow": "z-image-simple"})
     simple_auto = Worker(settings, LoadedEngines(served.engine, None, "off"))
     result = asyncio.run(collect(simple_auto.run_job, {"id": "t", "input": {"prompt": "x", "eta": 0.3, **SMALL}}))
     assert result["error"] == "invalid_input: eta: is only used by z-image-danrisi (this job runs z-image-simple)"
@@ -86,7 +85,7 @@ def test_sizes(handler_module, size, expected):
 
 @pytest.mark.parametrize(("fmt", "magic"), [("png", b"\x89PNG"), ("webp", b"RIFF"), ("jpeg", b"\xff\xd8\xff")])
 def test_formats(handler_module, fmt, magic):
-    result = run_job(handler_module, {"prompt": "a tree", "output_format": fmt, "output_quality": 80, **SMALL})
+    result = run_job(handler_module, {"prompt": "a tree", **SMALL, "output_format": fmt, "output_quality": 80})
     data = base64.b64decode(result["images"][0]["base64"])
     assert data.startswith(magic) and result["images"][0]["format"] == fmt
     assert Image.open(io.BytesIO(data)).size == (64, 64)
@@ -120,7 +119,7 @@ def test_png_carries_the_engines_pixels_exactly(handler_module):
         ({"prompt": "x", "steps": 4, "identity_start_step": 4, "mode": "consistent", "reference_image": "aGk="},
          "invalid_input: identity_start_step: must be less than steps"),
         ({"prompt": "x", "delivery": "url"}, "invalid_input: delivery: url delivery needs storage"),
-        ({"prompt": "x", "num_images": 16, "width": 2048, "height": 2048},
+        ({"prompt": "x", "num_images": 16, "width": 2048, "height": 2048, "output_format": "png"},
          "payload_too_large: delivery:"),
         ("not an object", "invalid_input: input: must be a JSON object"),
     ],

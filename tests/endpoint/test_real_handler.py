@@ -5,7 +5,6 @@ import (`handler_module`); the endpoint's loader imports `handler` by name and g
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import time
@@ -51,7 +50,7 @@ def client(real: BackgroundEndpoint, monkeypatch: pytest.MonkeyPatch) -> runpod.
 def one_image_batches(handler_module: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """MAX_BATCH=1 for this test: a multi-image job then runs image after image (slow enough to watch)."""
     worker = handler_module.WORKER
-    monkeypatch.setattr(worker, "settings", dataclasses.replace(worker.settings, max_batch=1))
+    monkeypatch.setattr(worker, "settings", worker.settings.model_copy(update={"max_batch": 1}))
     yield
     assert worker.batcher.queued_images() == 0  # nothing of the test's jobs left on the "GPU"
 

@@ -1,10 +1,11 @@
-"""A real S3 API on loopback (moto server mode) and a fault-injecting HTTP proxy in front of it."""
+"""A real S3 API on loopback (moto server mode), a fault-injecting HTTP proxy in front of it, and a
+hung endpoint (accepts connections, never answers)."""
 
 from __future__ import annotations
 
 import contextlib
-
 import http.client
+import socket
 import threading
 import time
 import uuid
@@ -17,11 +18,10 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from serving.storage import RetryPolicy, StorageConfig
+from serving.storage import StorageConfig
 
 ACCESS_KEY = "AKIATESTSTORAGEKEY01"
 SECRET_KEY = "sEcReT/storage+test+secret+do+not+log"
-FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.02)
 
 
 @dataclass
@@ -169,3 +169,45 @@ def running_fault_proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
 def proxy(moto_endpoint: str) -> Iterator[FaultProxy]:
     with running_fault_proxy(moto_endpoint) as fp:
         yield fp
+
+
+@dataclass
+class HungServer:
+    """A storage endpoint that hangs: `url`, and the connections it has accepted (and holds)."""
+
+    url: str
+    held: list[socket.socket] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def running_hung_server() -> Iterator[HungServer]:
+    """A TCP server on loopback that accepts every connection and never answers; connections
+    are closed when it stops."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = HungServer(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                server.held.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        stop.set()
+        thread.join()
+        for conn in server.held:
+            conn.close()
+        listener.close()
+
+
+@pytest.fixture
+def hung_endpoint() -> Iterator[str]:
+    with running_hung_server() as server:
+        yield server.url

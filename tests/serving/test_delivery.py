@@ -2,7 +2,9 @@
 
 One worker per module, configured from the environment (BUCKET_* pointing at a fault proxy in
 front of moto, so every request the worker makes is counted), batch size 1 so a job's images
-leave the GPU one by one, and a 1 MB result limit for the payload guard.
+leave the GPU one by one, and a 1 MB result limit for the payload guard. Jobs' s3Config may
+point at loopback here (JOB_STORAGE_ALLOW_PRIVATE=1: moto runs on 127.0.0.1). A third worker's
+bucket is a server that accepts connections and never answers.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -20,16 +25,25 @@ import requests
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from serving.delivery import Delivery
+from serving.delivery import Delivery, PendingUpload, StorageIO
 from serving.errors import JobError
 from serving.local_run import collect
 from serving.settings import load_settings
 from serving.storage import ImageStore, StorageConfig
 from serving.worker import Worker
-from tests.serving.conftest import ACCESS_KEY, FAST_RETRY, SECRET_KEY, FaultProxy, running_fault_proxy
+from tests.serving.conftest import (
+    ACCESS_KEY,
+    SECRET_KEY,
+    FaultProxy,
+    HungServer,
+    running_fault_proxy,
+    running_hung_server,
+)
 
 SMALL = {"width": 64, "height": 64, "steps": 2}
 LIMIT_MB = 1
+HUNG_DELIVERY_TIMEOUT_S = 10
+IO = StorageIO(ThreadPoolExecutor(2, thread_name_prefix="test-storage"), delivery_timeout_s=5, lookup_timeout_s=1)
 
 
 def client(endpoint: str):
@@ -54,7 +68,8 @@ def main_bucket(moto_endpoint: str) -> str:
 def env_for(endpoint: str, bucket: str, **extra: str) -> dict[str, str]:
     return {"BUCKET_ENDPOINT_URL": endpoint, "BUCKET_ACCESS_KEY_ID": ACCESS_KEY,
             "BUCKET_SECRET_ACCESS_KEY": SECRET_KEY, "BUCKET_NAME": bucket, "MAX_BATCH": "1",
-            "BATCH_WAIT_MS": "0", "MAX_RESPONSE_MB": str(LIMIT_MB), "JOB_TIMEOUT_S": "60", **extra}
+            "BATCH_WAIT_MS": "0", "MAX_RESPONSE_MB": str(LIMIT_MB), "JOB_TIMEOUT_S": "60",
+            "JOB_STORAGE_ALLOW_PRIVATE": "1", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +83,21 @@ def worker(counting_proxy: FaultProxy, main_bucket: str) -> Worker:
 def bare_worker() -> Worker:
     """No storage at all, the same small result limit."""
     return Worker.start(load_settings({"MAX_BATCH": "1", "BATCH_WAIT_MS": "0", "MAX_RESPONSE_MB": str(LIMIT_MB)}))
+
+
+@pytest.fixture(scope="module")
+def hung_server() -> HungServer:
+    with running_hung_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def hung_worker(hung_server: HungServer) -> Worker:
+    """The deployment's bucket accepts connections and never answers."""
+    env = env_for(hung_server.url, "hung", DELIVERY_TIMEOUT_S=str(HUNG_DELIVERY_TIMEOUT_S), CACHE_LOOKUP_TIMEOUT_S="1")
+    started = Worker.start(load_settings(env))
+    run(started, {"prompt": "warm-up", "steps": 1, "width": 64, "height": 64})
+    return started
 
 
 def run(worker: Worker, job_input: dict[str, Any], job_id: str | None = None, **top: Any) -> dict[str, Any]:
@@ -111,10 +141,10 @@ def test_url_delivery_serves_the_same_bytes_as_base64_and_a_repeat_is_a_cache_hi
     assert first["batch_sizes"] == [1, 1] and first["settings"]["delivery"] == "url"
     for stored, expected in zip(first["images"], inline["images"]):
         assert "base64" not in stored and "cached" not in stored
-        assert stored["key"].startswith("z-image/cache/") and stored["key"].endswith(".png")
+        assert stored["key"].startswith("z-image/cache/") and stored["key"].endswith(".webp")  # the default
         assert fetch(stored["url"]) == b64(expected)  # over HTTP, byte for byte
         head = client(moto_endpoint).head_object(Bucket=main_bucket, Key=stored["key"])
-        assert head["ContentType"] == "image/png"
+        assert head["ContentType"] == "image/webp"
 
     counting_proxy.requests.clear()
     calls = engine_calls(worker)
@@ -171,9 +201,9 @@ def test_per_job_s3config_goes_to_the_callers_bucket_without_the_cache(worker, m
 
     result = run(worker, job, job_id="caller-job", s3Config=s3_config)
     assert result["errors"] == [] and result["images_from_cache"] == 0
-    assert [i["key"] for i in result["images"]] == ["z-image/caller-job/00-300.png", "z-image/caller-job/01-301.png"]
+    assert [i["key"] for i in result["images"]] == ["z-image/caller-job/00-300.webp", "z-image/caller-job/01-301.webp"]
     stored = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=second)["Contents"])
-    assert stored == ["z-image/caller-job/00-300.png", "z-image/caller-job/01-301.png"]
+    assert stored == ["z-image/caller-job/00-300.webp", "z-image/caller-job/01-301.webp"]
     after = {o["Key"] for o in s3.list_objects_v2(Bucket=main_bucket).get("Contents", [])}
     assert after == before  # nothing written to the deployment's bucket
     for image, expected in zip(result["images"], inline["images"]):
@@ -188,16 +218,31 @@ def test_per_job_s3config_goes_to_the_callers_bucket_without_the_cache(worker, m
     [
         ("bucket", "invalid_input: s3Config: must be an object"),
         ({"accessId": "a", "accessSecret": "b", "endpointUrl": "http://127.0.0.1:1"},
-         "invalid_input: s3Config: s3Config.bucketName is missing or empty"),
+         "invalid_input: s3Config.bucketName: is missing or empty"),
+        ({"accessId": "a", "accessSecret": 12345, "bucketName": "c", "endpointUrl": "http://127.0.0.1:1"},
+         "invalid_input: s3Config.accessSecret: must be a string"),
+        ({"accessId": "a\r\nX: y", "accessSecret": "b", "bucketName": "c", "endpointUrl": "http://127.0.0.1:1"},
+         "invalid_input: s3Config.accessId: must not contain control characters"),
         ({"accessId": "a", "accessSecret": "b", "bucketName": "c", "endpointUrl": "http://"},
-         "invalid_input: s3Config: s3Config: storage: endpoint_url must be an http(s) URL"),
+         "invalid_input: s3Config.endpointUrl: must be an http(s) URL with a host"),
         ({"accessId": "a", "accessSecret": "b", "bucketName": "c", "endpointUrl": "https://[::1"},
-         "invalid_input: s3Config: s3Config: storage: endpoint_url must be an http(s) URL"),
+         "invalid_input: s3Config.endpointUrl: must be an http(s) URL with a host"),
     ],
 )
 def test_bad_s3config_is_an_input_error(worker, s3_config, expected):
     result = run(worker, {"prompt": "x", "delivery": "url", **SMALL}, s3Config=s3_config)
-    assert result["error"].startswith(expected)
+    assert result["error"] == expected
+
+
+@pytest.mark.parametrize("endpoint", [
+    "http://127.0.0.1:9000", "http://localhost:9000", "http://10.1.2.3:9000", "http://169.254.169.254",
+    "http://[::ffff:127.0.0.1]:9000", "http://[fe80::1]:9000", "http://metadata.invalid",
+])
+def test_job_storage_on_internal_addresses_is_refused_unless_allowed(bare_worker, endpoint):
+    s3_config = {"accessId": "a", "accessSecret": "b", "bucketName": "c", "endpointUrl": endpoint}
+    result = run(bare_worker, {"prompt": "x", "delivery": "url", **SMALL}, s3Config=s3_config)
+    # names s3Config, says nothing about the host: the same words for private and unresolvable
+    assert result == {"error": "invalid_input: s3Config.endpointUrl: must resolve to public addresses only"}
 
 
 def test_url_without_storage_is_an_input_error(bare_worker):
@@ -234,7 +279,7 @@ def test_server_stopped_mid_job_loses_no_image(worker):
     assert fallbacks, "the images after the stop must come back inline"
     assert images[3].get("delivery_fallback") or 3 in errors  # the last image cannot have been uploaded
     for entry in fallbacks:
-        assert "url" not in entry and entry["delivery_fallback"].startswith("upload failed (")
+        assert "url" not in entry and entry["delivery_fallback"] == "upload failed (unreachable): returned inline"
         assert b64(entry) == b64(inline["images"][entry["index"]])  # the very image, not a placeholder
     for error in errors.values():
         assert error["code"] and error["message"]
@@ -247,11 +292,12 @@ def test_transient_upload_failures_are_retried(worker, counting_proxy):
     assert counting_proxy.faults == []
     assert result["errors"] == [] and "url" in result["images"][0] and "delivery_fallback" not in result["images"][0]
     assert counting_proxy.count("PUT") == 2  # dropped once, retried, stored
-    assert fetch(result["images"][0]["url"])[:4] == b"\x89PNG"
+    assert fetch(result["images"][0]["url"])[:4] == b"RIFF"
 
 
 # -- the payload guard -------------------------------------------------------------------------
-BIG = {"prompt": "static", "width": 256, "height": 256, "steps": 1, "num_images": 5, "seed": 1}  # ~210 KB each in base64
+BIG = {"prompt": "static", "width": 256, "height": 256, "steps": 1, "num_images": 5, "seed": 1,
+       "output_format": "png"}  # ~210 KB each in base64
 
 
 def response_bytes(chunks: list[dict[str, Any]]) -> int:
@@ -281,28 +327,121 @@ def test_payload_guard_with_storage_switches_to_url(worker):
 
 
 def test_payload_guard_refuses_up_front_or_switches_when_base64_cannot_fit(bare_worker, worker):
-    too_big = {"prompt": "x", "num_images": 16, "width": 1024, "height": 1024}
+    too_big = {"prompt": "x", "num_images": 16, "width": 1024, "height": 1024, "output_format": "png"}
     result = run(bare_worker, too_big)
     assert result["error"].startswith("payload_too_large: delivery: 16 png images need at least")
     assert 'use delivery "url"' in result["error"]
-    plan = Delivery.plan("base64", worker.store, LIMIT_MB * 2**20, 1024 * 1024, 16, "png")
+    plan = Delivery.plan("base64", worker.store, LIMIT_MB * 2**20, 1024 * 1024, 16, "png", io=IO,
+                         chunk_limit_bytes=1_000_000)
     assert plan.method == "url" and plan.switched_to_url
 
 
 def test_upload_failure_that_does_not_fit_inline_is_a_named_image_error():
     dead = StorageConfig(bucket="b", access_key_id="a", secret_access_key="s", endpoint_url="http://127.0.0.1:9",
-                         connect_timeout_s=0.5)
-    delivery = Delivery("url", ImageStore(dead, retry=FAST_RETRY), limit_bytes=17 * 1024, use_cache=False)
+                         connect_timeout_s=0.5, max_attempts=2)
+    delivery = Delivery("url", ImageStore(dead), limit_bytes=17 * 1024, use_cache=False, io=IO,
+                        chunk_limit_bytes=1_000_000)
     small = delivery.deliver("j", 0, 5, 64, 64, "png", b"\x89PNG" + bytes(100), {})
+    assert isinstance(small, PendingUpload)  # handed to the storage pool, not uploaded on this thread
+    small = asyncio.run(delivery.settle(small))
     assert "delivery_fallback" in small.entry and small.entry["base64"]
-    large = delivery.deliver("j", 1, 6, 64, 64, "png", b"\x89PNG" + bytes(4000), {})
+    large = asyncio.run(delivery.settle(delivery.deliver("j", 1, 6, 64, 64, "png", b"\x89PNG" + bytes(4000), {})))
     assert large.entry is None and large.error_code == "upload_failed"
-    assert "does not fit inline" in large.error_message
+    assert large.error_message == "upload failed (unreachable) and the image does not fit inline"
 
 
 def test_url_delivery_needs_a_store():
     with pytest.raises(JobError, match="url delivery needs storage"):
-        Delivery.plan("url", None, 2**20, 64 * 64, 1, "png")
+        Delivery.plan("url", None, 2**20, 64 * 64, 1, "png", io=IO, chunk_limit_bytes=1_000_000)
+
+
+# -- RunPod's 1 MB stream chunk -----------------------------------------------------------------
+def test_an_image_certain_to_pass_the_chunk_limit_is_refused_before_the_gpu_or_sent_to_storage(bare_worker, worker):
+    calls = engine_calls(bare_worker)
+    result = run(bare_worker, {"prompt": "x", "width": 2048, "height": 2048, "output_format": "png"})
+    assert result["error"].startswith("payload_too_large: delivery: one png image of 4194304 pixels needs at least")
+    assert "stream chunk limit (MAX_CHUNK_BYTES)" in result["error"]
+    assert engine_calls(bare_worker) == calls  # decided before any GPU work
+    plan = Delivery.plan("base64", worker.store, 10 * 2**20, 2048 * 2048, 1, "png", io=IO, chunk_limit_bytes=1_000_000)
+    assert plan.method == "url" and plan.switched_to_url
+    # the default format at the largest size fits: its lower bound is far under one chunk
+    assert Delivery.plan("base64", None, 10 * 2**20, 2048 * 2048, 1, "webp", io=IO,
+                         chunk_limit_bytes=1_000_000).method == "base64"
+
+
+def test_a_real_chunk_over_the_limit_goes_to_storage_or_is_a_named_image_error(worker):
+    noise = os.urandom(120_000)  # 160 KB of base64: over a 100 KB chunk limit, well within the result limit
+    bare = Delivery("base64", None, 10 * 2**20, use_cache=False, io=IO, chunk_limit_bytes=100_000)
+    refused = bare.deliver("j", 0, 1, 64, 64, "png", noise, {})
+    assert refused.error_code == "payload_too_large" and "100000" not in refused.error_message
+    assert refused.error_message.startswith("this image would pass the 0.1 MB stream chunk limit")
+    assert bare.deliver("j", 1, 2, 64, 64, "png", noise[:50_000], {}).entry["base64"]  # a smaller one is inline
+    stored = Delivery("base64", worker.store, 10 * 2**20, use_cache=False, io=IO, chunk_limit_bytes=100_000)
+    uploaded = asyncio.run(stored.settle(stored.deliver("chunky", 0, 1, 64, 64, "png", noise, {})))
+    assert uploaded.entry["key"] == "z-image/chunky/00-1.png" and fetch(uploaded.entry["url"]) == noise
+    assert stored.switched_to_url
+
+
+# -- a storage endpoint that accepts connections and never answers ------------------------------
+async def timed(worker: Worker, job: dict[str, Any], origin: float) -> tuple[dict[str, Any], float]:
+    result = await collect(worker.run_job, job)
+    return result, time.monotonic() - origin
+
+
+def test_hung_storage_holds_neither_encoding_nor_other_jobs(hung_worker, hung_server):
+    """Four uploads in flight to a hung bucket (as many as the encode threads: once they ran there),
+    then a plain job: it is not held by them, and the url job ends by its deadline, every image
+    inline. The bucket is the job's s3Config, so no cache lookup comes first."""
+    s3_config = {"accessId": ACCESS_KEY, "accessSecret": SECRET_KEY, "bucketName": "b", "endpointUrl": hung_server.url}
+    url_job = {"id": "on-hung", "input": {"prompt": "a hung bucket", "num_images": 4, "seed": 5, "delivery": "url",
+                                           **SMALL}, "s3Config": s3_config}
+    plain_job = {"id": "plain", "input": {"prompt": "a plain job", "seed": 6, **SMALL}}
+    assert hung_worker.settings.encode_threads == 4
+
+    async def both():
+        origin = time.monotonic()
+        held = len(hung_server.held)
+        url_task = asyncio.create_task(timed(hung_worker, url_job, origin))
+        while len(hung_server.held) < held + 4:  # every image's upload holds a connection (and a thread)
+            await asyncio.sleep(0.02)
+        submitted = time.monotonic()
+        plain, _ = await timed(hung_worker, plain_job, origin)
+        plain_s = time.monotonic() - submitted
+        return plain, plain_s, await url_task
+
+    plain, plain_s, (hung, hung_s) = asyncio.run(both())
+    print(f"\nplain job took {plain_s:.2f} s with 4 uploads hung; url job on hung storage {hung_s:.2f} s")
+    assert plain["errors"] == [] and plain["images"][0]["base64"]
+    assert plain_s < HUNG_DELIVERY_TIMEOUT_S  # not held until the hung uploads' deadline
+    assert hung["images_completed"] == 4
+    for image in hung["images"]:
+        assert image["delivery_fallback"] == (
+            f"upload not done within DELIVERY_TIMEOUT_S={HUNG_DELIVERY_TIMEOUT_S} s: returned inline")
+    # ended by the delivery deadline (the fallback says so), not by JOB_TIMEOUT_S
+    assert HUNG_DELIVERY_TIMEOUT_S <= hung_s < 60
+
+
+def test_hung_deployment_bucket_lookups_are_misses_and_the_job_ends_in_bounded_time(hung_worker):
+    started = time.monotonic()
+    result = run(hung_worker, {"prompt": "a hung cache", "num_images": 2, "seed": 9, "delivery": "url", **SMALL})
+    elapsed = time.monotonic() - started
+    print(f"\nurl job on the hung deployment bucket: {elapsed:.2f} s")
+    assert result["images_from_cache"] == 0 and result["images_completed"] == 2  # lookups: misses after 1 s
+    assert all(i["delivery_fallback"].startswith("upload not done within") for i in result["images"])
+    # CACHE_LOOKUP_TIMEOUT_S + generation + DELIVERY_TIMEOUT_S, below JOB_TIMEOUT_S=60
+    assert 1 + HUNG_DELIVERY_TIMEOUT_S <= elapsed < 60
+
+
+def test_webp_is_the_default_and_png_ignores_output_quality_in_cache_key_and_echo(worker):
+    default = run(worker, {"prompt": "a quiet harbour", "seed": 1200, **SMALL})
+    assert (default["settings"]["output_format"], default["settings"]["output_quality"]) == ("webp", 90)
+    assert b64(default["images"][0])[:4] == b"RIFF"
+    job = {"prompt": "a quiet harbour", "seed": 1200, "delivery": "url", "output_format": "png", **SMALL}
+    first = run(worker, {**job, "output_quality": 40})
+    assert first["settings"]["output_quality"] is None and first["images_from_cache"] == 0
+    again = run(worker, {**job, "output_quality": 95})  # PNG is lossless: the same image, the same key
+    assert again["images_from_cache"] == 1 and again["images"][0]["key"] == first["images"][0]["key"]
+    assert run(worker, {**job, "output_format": "webp", "output_quality": 40})["images_from_cache"] == 0
 
 
 def test_an_encode_or_delivery_crash_is_that_images_error_not_a_hung_job(worker, monkeypatch):

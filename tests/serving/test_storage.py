@@ -23,22 +23,20 @@ from serving.storage import (
     default_region,
     get_client,
     result_cache_key,
-    storage_config_from_env,
     storage_config_from_job,
 )
-from tests.serving.conftest import ACCESS_KEY, FAST_RETRY, SECRET_KEY, FaultProxy
+from tests.serving.conftest import ACCESS_KEY, SECRET_KEY, FaultProxy
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(4096)
 
 
 @pytest.fixture
-def store(config: StorageConfig):
-    with ImageStore(config, retry=FAST_RETRY) as s:
-        yield s
+def store(config: StorageConfig) -> ImageStore:
+    return ImageStore(config)
 
 
 def via(proxy: FaultProxy, config: StorageConfig) -> ImageStore:
-    return ImageStore(replace(config, endpoint_url=proxy.url), retry=FAST_RETRY)
+    return ImageStore(replace(config, endpoint_url=proxy.url))
 
 
 # ---- delivery -------------------------------------------------------------------------------
@@ -76,8 +74,8 @@ def test_public_base_url_is_plain_and_fetchable(config: StorageConfig, moto_endp
         "Statement": [{"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject",
                        "Resource": f"arn:aws:s3:::{config.bucket}/*"}]}))
     public = replace(config, public_base_url=f"{moto_endpoint}/{config.bucket}/")
-    with ImageStore(public) as store:
-        stored = store.put(store.job_key("job-3", 1, 5, "jpg"), b"\xff\xd8jpeg", "image/jpeg")
+    store = ImageStore(public)
+    stored = store.put(store.job_key("job-3", 1, 5, "jpg"), b"\xff\xd8jpeg", "image/jpeg")
 
     assert stored.url == f"{moto_endpoint}/{config.bucket}/z-image/job-3/01-5.jpg"
     assert requests.get(stored.url, timeout=5).content == b"\xff\xd8jpeg"
@@ -87,8 +85,7 @@ def test_uploads_send_no_flexible_checksums_but_content_md5(proxy: FaultProxy, c
     """R2, GCS and B2 reject boto3's default CRC32 checksum headers/trailers. A host name (not
     an IP, for which botocore always uses paths) shows path-style addressing is chosen."""
     by_name = replace(config, endpoint_url=proxy.url.replace("127.0.0.1", "localhost"))
-    with ImageStore(by_name, retry=FAST_RETRY) as store:
-        store.put("k/one.png", PNG, "image/png")
+    ImageStore(by_name).put("k/one.png", PNG, "image/png")
 
     (put,) = [r for r in proxy.requests if r.method == "PUT"]
     names = {name.lower() for name in put.headers}
@@ -98,28 +95,15 @@ def test_uploads_send_no_flexible_checksums_but_content_md5(proxy: FaultProxy, c
     assert put.path.startswith(f"/{config.bucket}/")  # path-style addressing on a custom endpoint
 
 
-def test_submit_put_overlaps_uploads(proxy: FaultProxy, config: StorageConfig) -> None:
-    proxy.delay_s = 0.3
-    with via(proxy, replace(config, upload_workers=4)) as store:
-        started = time.monotonic()
-        futures = [store.submit_put(store.job_key("job-4", i, i, "png"), PNG, "image/png") for i in range(4)]
-        results = [f.result(timeout=10) for f in futures]
-        elapsed = time.monotonic() - started
-
-    assert [r.key for r in results] == [f"z-image/job-4/{i:02d}-{i}.png" for i in range(4)]
-    assert elapsed < 0.9, f"4 uploads of 0.3 s each took {elapsed:.2f} s: not overlapped"
-    assert all(requests.get(r.url, timeout=5).content == PNG for r in results)
-
-
 def test_per_job_s3config_writes_to_its_own_bucket(config: StorageConfig, make_bucket, s3,
                                                    moto_endpoint: str) -> None:
     other = make_bucket()
     defaults = replace(config, public_base_url="https://cdn.example.com", url_ttl_s=600)
     job_config = storage_config_from_job(
         {"accessId": "job-key", "accessSecret": "job-secret", "bucketName": other,
-         "endpointUrl": moto_endpoint}, defaults)
-    with ImageStore(job_config) as store:
-        stored = store.put(store.job_key("job-5", 0, 1, "png"), PNG, "image/png")
+         "endpointUrl": moto_endpoint}, defaults, allow_private=True)  # moto is on loopback
+    store = ImageStore(job_config)
+    stored = store.put(store.job_key("job-5", 0, 1, "png"), PNG, "image/png")
 
     assert requests.get(stored.url, timeout=5).content == PNG
     assert stored.url.startswith(f"{moto_endpoint}/{other}/")  # not the default bucket's CDN
@@ -129,23 +113,53 @@ def test_per_job_s3config_writes_to_its_own_bucket(config: StorageConfig, make_b
     assert job_config.result_cache is False
 
 
+JOB = {"accessId": "a", "accessSecret": "s", "bucketName": "bkt", "endpointUrl": "https://x.example"}
+
+
 @pytest.mark.parametrize("missing", ["accessId", "accessSecret", "bucketName", "endpointUrl"])
 def test_per_job_s3config_names_the_missing_field(missing: str, config: StorageConfig) -> None:
-    job = {"accessId": "a", "accessSecret": "s", "bucketName": "bkt", "endpointUrl": "https://x.example"}
-    job[missing] = ""
-    with pytest.raises(StorageConfigError, match=f"s3Config.{missing}"):
-        storage_config_from_job(job, config)
-    del job[missing]
-    with pytest.raises(StorageConfigError, match=f"s3Config.{missing}"):
-        storage_config_from_job(job, None)
+    with pytest.raises(StorageConfigError) as info:
+        storage_config_from_job({**JOB, missing: " "}, config, allow_private=True)
+    assert (info.value.field, info.value.rule) == (f"s3Config.{missing}", "is missing or empty")
+    with pytest.raises(StorageConfigError, match=f"^s3Config.{missing}: is missing"):
+        storage_config_from_job({k: v for k, v in JOB.items() if k != missing}, None, allow_private=True)
 
 
-# ---- failures and retries -------------------------------------------------------------------
+@pytest.mark.parametrize(("value", "rule"), [
+    (12345, "must be a string"), (["s"], "must be a string"),
+    ("key\r\nX-Injected: 1", "must not contain control characters"),
+])
+def test_per_job_s3config_rejects_non_strings_and_header_breaking_values(value, rule) -> None:
+    for name in ("accessId", "accessSecret", "bucketName"):
+        with pytest.raises(StorageConfigError) as info:
+            storage_config_from_job({**JOB, name: value}, None, allow_private=True)
+        assert (info.value.field, info.value.rule) == (f"s3Config.{name}", rule)
+
+
+@pytest.mark.parametrize("endpoint", [
+    "http://127.0.0.1:9000", "http://localhost:9000", "http://10.0.0.5", "http://192.168.1.10:9000",
+    "http://172.16.0.1", "http://169.254.169.254", "http://[::1]:9000", "http://[::ffff:127.0.0.1]:9000",
+    "http://[::ffff:169.254.169.254]", "http://[fe80::1]", "http://0.0.0.0:9000", "http://100.64.0.1",
+    "http://no-such-host.invalid",
+])
+def test_job_endpoint_must_resolve_to_public_addresses(endpoint: str) -> None:
+    with pytest.raises(StorageConfigError) as info:
+        storage_config_from_job({**JOB, "endpointUrl": endpoint}, None)
+    # one message for private and unresolvable: nothing about the host, nothing to map a network with
+    assert (info.value.field, info.value.rule) == ("s3Config.endpointUrl", "must resolve to public addresses only")
+    assert storage_config_from_job({**JOB, "endpointUrl": endpoint}, None, allow_private=True).endpoint_url == endpoint
+
+
+def test_job_endpoint_on_a_public_address_is_accepted() -> None:
+    config = storage_config_from_job({**JOB, "endpointUrl": "https://93.184.215.14:9000"}, None)
+    assert (config.endpoint_url, config.region, config.result_cache) == ("https://93.184.215.14:9000", "us-east-1", False)
+
+
+# ---- failures and retries (botocore's standard mode) -------------------------------------------
 
 def test_transient_503_is_retried_then_succeeds(proxy: FaultProxy, config: StorageConfig) -> None:
     proxy.faults = [503, 500]
-    with via(proxy, config) as store:
-        stored = store.put("z-image/job-6/00-1.png", PNG, "image/png")
+    stored = via(proxy, config).put("z-image/job-6/00-1.png", PNG, "image/png")
 
     assert proxy.count("PUT") == 3
     assert requests.get(stored.url.replace(proxy.url, config.endpoint_url), timeout=5).content == PNG
@@ -153,39 +167,33 @@ def test_transient_503_is_retried_then_succeeds(proxy: FaultProxy, config: Stora
 
 def test_dropped_connection_is_retried(proxy: FaultProxy, config: StorageConfig) -> None:
     proxy.faults = ["drop"]
-    with via(proxy, config) as store:
-        store.put("z-image/job-7/00-1.png", PNG, "image/png")
+    via(proxy, config).put("z-image/job-7/00-1.png", PNG, "image/png")
     assert proxy.count("PUT") == 2
 
 
-def test_persistent_5xx_gives_up_with_transient_storage_error(proxy: FaultProxy, config: StorageConfig) -> None:
+def test_persistent_5xx_gives_up_after_max_attempts(proxy: FaultProxy, config: StorageConfig) -> None:
     proxy.faults = [503] * 10
-    with via(proxy, config) as store:
-        future = store.submit_put("z-image/job-8/00-1.png", PNG, "image/png")
-        with pytest.raises(StorageError) as info:
-            future.result(timeout=10)
+    with pytest.raises(StorageError) as info:
+        via(proxy, replace(config, max_attempts=2)).put("z-image/job-8/00-1.png", PNG, "image/png")
 
-    assert info.value.transient is True
-    assert info.value.attempts == FAST_RETRY.max_attempts == proxy.count("PUT")
-    assert info.value.key == "z-image/job-8/00-1.png"
-    assert info.value.code == "SlowDown"
+    assert info.value.attempts == 2 == proxy.count("PUT")
+    assert (info.value.key, info.value.code) == ("z-image/job-8/00-1.png", "SlowDown")
 
 
 def test_403_is_not_retried(proxy: FaultProxy, config: StorageConfig) -> None:
     proxy.faults = [403, 403, 403]
-    with via(proxy, config) as store, pytest.raises(StorageError) as info:
-        store.put("z-image/job-9/00-1.png", PNG, "image/png")
+    with pytest.raises(StorageError) as info:
+        via(proxy, config).put("z-image/job-9/00-1.png", PNG, "image/png")
 
     assert proxy.count("PUT") == 1
-    assert (info.value.transient, info.value.attempts, info.value.code) == (False, 1, "AccessDenied")
+    assert (info.value.attempts, info.value.code) == (1, "AccessDenied")
 
 
 def test_missing_bucket_is_not_retried(proxy: FaultProxy, config: StorageConfig) -> None:
-    with via(proxy, replace(config, bucket="no-such-bucket-here"), ) as store:
-        with pytest.raises(StorageError) as info:
-            store.put("z-image/x.png", PNG, "image/png")
+    with pytest.raises(StorageError) as info:
+        via(proxy, replace(config, bucket="no-such-bucket-here")).put("z-image/x.png", PNG, "image/png")
     assert proxy.count("PUT") == 1
-    assert (info.value.transient, info.value.code) == (False, "NoSuchBucket")
+    assert info.value.code == "NoSuchBucket"
 
 
 def _closed_port() -> int:
@@ -194,12 +202,30 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_unreachable_endpoint_fails_transient_after_retries(config: StorageConfig) -> None:
-    down = replace(config, endpoint_url=f"http://127.0.0.1:{_closed_port()}")
-    with ImageStore(down, retry=FAST_RETRY) as store, pytest.raises(StorageError) as info:
-        store.put("z-image/y.png", PNG, "image/png")
-    assert info.value.transient is True
-    assert info.value.attempts == FAST_RETRY.max_attempts
+def test_refused_and_hung_endpoints_fail_alike_within_the_timeouts(config: StorageConfig, hung_endpoint: str) -> None:
+    """No port probing through the error: refused and never-answering give the same code."""
+    codes = []
+    for endpoint in (f"http://127.0.0.1:{_closed_port()}", hung_endpoint):
+        store = ImageStore(replace(config, endpoint_url=endpoint, connect_timeout_s=0.3, read_timeout_s=0.3,
+                                   max_attempts=2))
+        started = time.monotonic()
+        with pytest.raises(StorageError) as info:
+            store.put("z-image/y.png", PNG, "image/png")
+        # two attempts of at most connect 0.3 s + botocore's 1 s wait for "100 Continue" + read 0.3 s,
+        # and one non-throttling backoff of at most 0.05 s: 3.25 s, with room for a loaded CI machine
+        assert time.monotonic() - started < 8
+        assert info.value.attempts == 2
+        assert endpoint.split(":")[-1] not in str(info.value)
+        codes.append(info.value.code)
+    assert codes == ["unreachable", "unreachable"]
+
+
+def test_a_hung_lookup_is_one_bounded_attempt(config: StorageConfig, hung_endpoint: str) -> None:
+    store = ImageStore(replace(config, endpoint_url=hung_endpoint, connect_timeout_s=0.3, read_timeout_s=0.5))
+    store._lookup_client  # noqa: B018 - made before the clock starts: building a client takes a while
+    started = time.monotonic()
+    assert store.lookup("z-image/cache/x.png") is None
+    assert time.monotonic() - started < 4  # one attempt of 0.3 + 0.5 s: lookups are not retried
 
 
 # ---- result cache ---------------------------------------------------------------------------
@@ -259,19 +285,17 @@ def test_lookup_hit_and_miss(store: ImageStore) -> None:
 
 
 def test_lookup_errors_are_a_logged_miss(proxy: FaultProxy, config: StorageConfig, caplog) -> None:
-    with ImageStore(config) as direct:
-        direct.put("z-image/cache/present.png", PNG, "image/png")
+    ImageStore(config).put("z-image/cache/present.png", PNG, "image/png")
     proxy.faults = [500]
     caplog.set_level(logging.WARNING, logger="serving.storage")
-    with via(proxy, config) as store:
-        assert store.lookup("z-image/cache/present.png") is None
-        assert store.lookup("z-image/cache/present.png") is not None  # the fault was one-off
+    store = via(proxy, config)
+    assert store.lookup("z-image/cache/present.png") is None  # one attempt, no retry of the 500
+    assert store.lookup("z-image/cache/present.png") is not None  # the fault was one-off
     assert proxy.count("HEAD") == 2
     assert "HTTP 500" in caplog.text
 
     down = replace(config, endpoint_url=f"http://127.0.0.1:{_closed_port()}")
-    with ImageStore(down) as store:
-        assert store.lookup("z-image/cache/present.png") is None
+    assert ImageStore(down).lookup("z-image/cache/present.png") is None
 
 
 # ---- clients, secrets -----------------------------------------------------------------------
@@ -279,24 +303,25 @@ def test_lookup_errors_are_a_logged_miss(proxy: FaultProxy, config: StorageConfi
 def test_one_client_per_connection_settings_shared_across_threads(config: StorageConfig) -> None:
     fresh = replace(config, access_key_id="AKIAUNIQUE" + str(time.monotonic_ns()))
     seen: list[object] = []
-    threads = [threading.Thread(target=lambda: seen.append(get_client(fresh))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: seen.append(get_client(fresh, 3))) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len({id(c) for c in seen}) == 1
-    assert get_client(replace(fresh, bucket="another-bucket")) is seen[0]
-    assert get_client(replace(fresh, secret_access_key="other")) is not seen[0]
+    assert get_client(replace(fresh, bucket="another-bucket"), 3) is seen[0]
+    assert get_client(replace(fresh, secret_access_key="other"), 3) is not seen[0]
+    assert get_client(fresh, 1) is not seen[0]
 
 
 def test_secrets_never_logged_nor_in_repr(proxy: FaultProxy, config: StorageConfig, caplog) -> None:
     caplog.set_level(logging.DEBUG, logger="serving.storage")
     proxy.faults = [503, 403, 500]
-    with via(proxy, config) as store:
-        with pytest.raises(StorageError) as info:
-            store.put("z-image/s.png", PNG, "image/png")
-        store.lookup("z-image/s.png")
-        stored = store.put("z-image/s.png", PNG, "image/png")
+    store = via(proxy, config)
+    with pytest.raises(StorageError) as info:
+        store.put("z-image/s.png", PNG, "image/png")
+    store.lookup("z-image/s.png")
+    stored = store.put("z-image/s.png", PNG, "image/png")
 
     text = caplog.text + str(info.value) + repr(config)
     assert caplog.records, "expected the store to log its retries and uploads"
@@ -304,50 +329,7 @@ def test_secrets_never_logged_nor_in_repr(proxy: FaultProxy, config: StorageConf
         assert secret not in text
 
 
-# ---- configuration from the environment ------------------------------------------------------
-
-BASE_ENV = {"BUCKET_ENDPOINT_URL": "https://acc.r2.cloudflarestorage.com",
-            "BUCKET_ACCESS_KEY_ID": "id", "BUCKET_SECRET_ACCESS_KEY": "secret", "BUCKET_NAME": "images"}
-
-
-def test_env_unset_means_no_storage() -> None:
-    assert storage_config_from_env({}) is None
-    assert storage_config_from_env({"BUCKET_NAME": "  ", "OTHER": "x"}) is None
-
-
-def test_env_defaults() -> None:
-    config = storage_config_from_env(BASE_ENV)
-    assert config == StorageConfig(bucket="images", access_key_id="id", secret_access_key="secret",
-                                   endpoint_url="https://acc.r2.cloudflarestorage.com", region="auto",
-                                   key_prefix="z-image", public_base_url=None, url_ttl_s=604800,
-                                   result_cache=True, upload_workers=4)
-
-
-def test_env_overrides() -> None:
-    config = storage_config_from_env({
-        **BASE_ENV, "BUCKET_REGION": "eu-west-1", "BUCKET_KEY_PREFIX": "/prod/img/",
-        "BUCKET_PUBLIC_BASE_URL": "https://cdn.example.com", "BUCKET_URL_TTL_S": "3600",
-        "RESULT_CACHE": "off", "BUCKET_UPLOAD_WORKERS": "8"})
-    assert config is not None
-    assert (config.region, config.key_prefix, config.public_base_url, config.url_ttl_s,
-            config.result_cache, config.upload_workers) == (
-        "eu-west-1", "prod/img", "https://cdn.example.com", 3600, False, 8)
-
-
-@pytest.mark.parametrize(("env", "message"), [
-    ({"BUCKET_ENDPOINT_URL": "https://minio:9000"},
-     "BUCKET_ACCESS_KEY_ID, BUCKET_SECRET_ACCESS_KEY, BUCKET_NAME"),
-    ({**BASE_ENV, "BUCKET_NAME": "", "BUCKET_ENDPOINT_URL": "https://imgs.s3.us-west-2.amazonaws.com"},
-     "names bucket 'imgs'"),
-    ({**BASE_ENV, "BUCKET_URL_TTL_S": "604801"}, "url_ttl_s"),
-    ({**BASE_ENV, "BUCKET_URL_TTL_S": "7d"}, "BUCKET_URL_TTL_S"),
-    ({**BASE_ENV, "RESULT_CACHE": "maybe"}, "RESULT_CACHE"),
-    ({**BASE_ENV, "BUCKET_PUBLIC_BASE_URL": "cdn.example.com"}, "public_base_url"),
-])
-def test_env_errors_name_the_setting(env: dict[str, str], message: str) -> None:
-    with pytest.raises(StorageConfigError, match=message):
-        storage_config_from_env(env)
-
+# ---- regions ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("endpoint", "region"), [
     (None, "us-east-1"),
