@@ -51,7 +51,7 @@ def load_engines(settings: Settings, startup: StartupTimer) -> LoadedEngines:
     """PuLID first: Z-Image's start-up places its text encoder by the GPU memory left after both."""
     device = pick_device(settings.device)
     plan = acceleration_plan(settings, device)
-    with startup.phase("load pulid-flux"):
+    with startup.phase("pulid-flux start"):  # load, speed switches, warm-up
         consistent, reason = load_consistent(settings, device, plan)
     model_dir = settings.model_dir or ensure_demo_model(settings.demo_model_dir)
     default_size = BatchSpec(1024, 1024, 2, 0.0, "z-image-simple")

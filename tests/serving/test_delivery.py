@@ -379,7 +379,7 @@ def test_a_real_chunk_over_the_limit_goes_to_storage_or_is_a_named_image_error(w
     stored = Delivery("base64", worker.store, 10 * 2**20, use_cache=False, io=IO, chunk_limit_bytes=100_000)
     uploaded = asyncio.run(stored.settle(stored.deliver("chunky", 0, 1, 64, 64, "png", noise, {})))
     assert uploaded.entry["key"] == "z-image/chunky/00-1.png" and fetch(uploaded.entry["url"]) == noise
-    assert stored.switched_to_url
+    assert uploaded.switched_to_url and not stored.switched_to_url  # per image, not written back
 
 
 # -- a storage endpoint that accepts connections and never answers ------------------------------
