@@ -34,8 +34,7 @@ from serving.errors import JobError
 from serving.outputs import encode_image, image_chunk, image_error_chunk
 from serving.reference_image import load_reference_image
 from serving.schema import (
-    ASPECT_RATIOS, MAX_GUIDANCE, MAX_ID_WEIGHT, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS,
-    MIN_SIDE, MODE_DEFAULTS, SIZE_MULTIPLE, CapabilitiesRequest, GenerateRequest, parse_job_input,
+    MAX_IMAGES, MAX_SEED, MODE_DEFAULTS, CapabilitiesRequest, GenerateRequest, input_limits, parse_job_input,
 )
 from serving.settings import Settings
 from serving.storage import ImageStore, StorageConfigError, storage_config_from_job
@@ -454,6 +453,8 @@ class Worker:
             "batch_sizes": batches,
             "model": model,
         }
+        if request.size_note:
+            summary["size_note"] = request.size_note
         if plan.delivery.switched_to_url:
             summary["delivery_note"] = "base64 would pass the result limit: images were uploaded instead"
         if plan.identity_cache_hit is not None:
@@ -485,11 +486,8 @@ class Worker:
             "delivery": {"base64": True, "url": self.store is not None, "url_with_job_s3Config": True,
                          "result_cache": bool(self.store and self.store.config.result_cache)},
             "limits": {
-                "num_images": [1, MAX_IMAGES], "side": [MIN_SIDE, MAX_SIDE], "size_multiple": SIZE_MULTIPLE,
-                "max_pixels": self.settings.max_pixels, "steps": [1, MAX_STEPS], "guidance_scale": [0, MAX_GUIDANCE],
-                "prompt_chars": MAX_PROMPT_CHARS, "seed": [0, MAX_SEED], "aspect_ratios": list(ASPECT_RATIOS),
-                "output_formats": ["png", "webp", "jpeg"], "job_timeout_s": self.settings.job_timeout_s,
-                "id_weight": [0, MAX_ID_WEIGHT], "max_response_bytes": self.settings.max_response_bytes,
+                **input_limits(), "max_pixels": self.settings.max_pixels, "job_timeout_s": self.settings.job_timeout_s,
+                "max_response_bytes": self.settings.max_response_bytes,
             },
             "batching": {"max_batch_1024": self.max_batch_for(BatchSpec(1024, 1024, 8, 0.0, "z-image-simple")),
                          "wait_ms": self.settings.batch_wait_ms, "concurrency": self.settings.concurrency},
