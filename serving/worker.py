@@ -135,6 +135,9 @@ class Worker:
         self._free_bytes = free_gpu_bytes() if engine.device.type == "cuda" else 0
         self.encode_pool = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self._identity_pool = ThreadPoolExecutor(1, thread_name_prefix="identity")
+        # reference downloads wait on other hosts, not on compute: one per concurrent job, so a slow
+        # host holds only its own job (fetch_https bounds each one's time)
+        self._fetch_pool = ThreadPoolExecutor(settings.concurrency, thread_name_prefix="reference")
         self.store = ImageStore(settings.storage, executor=self.encode_pool) if settings.storage else None
         self.batcher = Batcher(
             run_batch=self._run_batch,
@@ -268,7 +271,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         try:
             data, rgb = await asyncio.wait_for(
-                loop.run_in_executor(self._identity_pool, load_reference_image, request.reference_image),
+                loop.run_in_executor(self._fetch_pool, load_reference_image, request.reference_image),
                 REFERENCE_TIMEOUT_S,
             )
             identity = await loop.run_in_executor(self._identity_pool, self.consistent.compute_identity, rgb)

@@ -145,8 +145,9 @@ class FakeResponse:
     def getheader(self, name: str, default: str | None = None) -> str | None:
         return self._headers.get(name, default)
 
-    def read(self, limit: int) -> bytes:
-        return self._body[:limit]
+    def read1(self, limit: int) -> bytes:
+        chunk, self._body = self._body[:limit], self._body[limit:]
+        return chunk
 
 
 @pytest.fixture
@@ -158,7 +159,7 @@ def web(monkeypatch):
         return [(2, 1, 6, "", (address, port)) for address in state["dns"][host]]
 
     class Connection:
-        def __init__(self, host, address, port, timeout):
+        def __init__(self, host, address, port, deadline):
             self.host, self.address = host, address
             state["connected"].append((host, address))
 
