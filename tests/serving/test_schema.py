@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -210,3 +211,27 @@ def test_capability_limits_name_the_rest_of_the_contract():
     parse_job_input({"prompt": "x" * limits["prompt_chars"]})
     with pytest.raises(JobError, match=rf"^invalid_input: prompt: must be at most {limits['prompt_chars']} characters$"):
         parse_job_input({"prompt": "x" * (limits["prompt_chars"] + 1)})
+
+
+# -- the same contract end to end: the handler on the demo model -------------------------------------
+HANDLER_BASE = {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "guidance_scale": 1.0, "seed": 1}
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.sampled_from(STRING_FIELDS + ["prompt", "negative_prompt"] * 3), any_text)
+def test_the_worker_answers_any_text_with_images_or_an_error_naming_the_field(handler_module, name, text):
+    """Whatever text reaches the tokenizer, the encoders or the reference decoder: a result or one
+    clear error, never an exception, a traceback or an internal_error."""
+    from serving.local_run import collect
+
+    raw = {**HANDLER_BASE, name: text}
+    if name == "reference_image":
+        raw["mode"] = "consistent"
+    result = asyncio.run(collect(handler_module.WORKER.run_job, {"id": "fuzz", "input": raw}))
+    if "error" in result:
+        match = WITH_FIELD.match(result["error"])
+        assert match, result["error"]
+        assert match["code"] == ("invalid_reference" if name == "reference_image" else "invalid_input"), result
+        assert match["field"] in (name, "reference_image", "aspect_ratio"), result
+    else:
+        assert result["errors"] == [] and len(result["images"]) == 1 and result["images_completed"] == 1, result
