@@ -15,6 +15,7 @@ from serving.schema import (
     ASPECT_RATIOS, MAX_SIDE, MEGAPIXEL, SIZE_MULTIPLE, CapabilitiesRequest, GenerateRequest, input_limits,
     parse_job_input,
 )
+from tests.conftest import run_job
 
 FIELDS = set(GenerateRequest.model_fields)
 WITH_FIELD = re.compile(r"^(?P<code>[a-z_]+): (?P<field>[A-Za-z0-9_.]+): (?P<rule>.+)$", re.S)
@@ -235,3 +236,11 @@ def test_the_worker_answers_any_text_with_images_or_an_error_naming_the_field(ha
         assert match["field"] in (name, "reference_image", "aspect_ratio"), result
     else:
         assert result["errors"] == [] and len(result["images"]) == 1 and result["images_completed"] == 1, result
+
+
+def test_the_summary_says_when_the_size_was_scaled_down_to_the_side_limit(handler_module):
+    job = {"prompt": "a wide view", "aspect_ratio": "16:9", "megapixels": 4, "steps": 1, "output_format": "jpeg"}
+    result = run_job(handler_module, job)
+    assert (result["images"][0]["width"], result["images"][0]["height"]) == (2048, 1152)
+    assert result["size_note"].endswith("scaled down to 2048x1152, same ratio")
+    assert "size_note" not in run_job(handler_module, {**job, "megapixels": 0.01})
