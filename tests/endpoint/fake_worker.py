@@ -41,7 +41,8 @@ CAPABILITIES: dict[str, Any] = {
          "defaults": {"steps": 20, "guidance_scale": 4.0}},
     ],
     "delivery": {"base64": True, "url": False, "url_with_job_s3Config": False, "result_cache": False},
-    "limits": {**input_limits(), "max_pixels": MAX_PIXELS, "job_timeout_s": 600, "max_response_bytes": 10 * 2**20},
+    "limits": {**input_limits(), "side": [MIN_SIDE, MAX_SIDE],  # the sides this fixture accepts (`_invalid`)
+               "max_pixels": MAX_PIXELS, "job_timeout_s": 600, "max_response_bytes": 10 * 2**20},
     "batching": {"max_batch_1024": 1, "wait_ms": 0, "concurrency": CONCURRENCY},
     "device": "cpu",
     "gpu": None,
