@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import ipaddress
 import socket
 import ssl
-import http.client
 import time
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
@@ -125,7 +126,7 @@ class _DeadlineSSLSocket(ssl.SSLSocket):
 
     deadline = float("inf")
 
-    def recv_into(self, buffer, nbytes=0, flags=0):  # noqa: ANN001, ANN201 - socket's signature
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("fetch deadline passed")
