@@ -19,10 +19,10 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 WORKDIR /app
-COPY requirements.txt .
+COPY requirements.txt requirements-gpu.txt ./
 # torch==2.13.0 from PyPI is the Linux CUDA 13.0 build (its wheel requires cuda-toolkit 13.0 and
 # nvidia-cudnn-cu13). PyTorch publishes no CUDA 12.8 build of 2.12 or later.
-RUN pip install -r requirements.txt
+RUN pip install -r requirements-gpu.txt
 
 # Weights before the code, so a code change does not download them again. Z-Image-Turbo is pinned
 # at a commit and verified against the hub's hashes for it; its fp32 transformer is then stored in

@@ -14,10 +14,7 @@ import transformers
 
 from pipelines.z_image import BatchSpec
 from serving.modes import Modes
-from serving.schema import (
-    ASPECT_RATIOS, MAX_GUIDANCE, MAX_ID_WEIGHT, MAX_IMAGES, MAX_PROMPT_CHARS, MAX_SEED, MAX_SIDE, MAX_STEPS, MIN_SIDE,
-    SIZE_MULTIPLE,
-)
+from serving.schema import input_limits
 from serving.settings import Settings
 from serving.startup_timing import StartupTimer
 from serving.storage import ImageStore
@@ -33,13 +30,8 @@ def capabilities(settings: Settings, modes: Modes, store: ImageStore | None, sta
         "modes": modes.describe(),
         "delivery": {"base64": True, "url": store is not None, "url_with_job_s3Config": True,
                      "result_cache": bool(store and store.config.result_cache)},
-        "limits": {
-            "num_images": [1, MAX_IMAGES], "side": [MIN_SIDE, MAX_SIDE], "size_multiple": SIZE_MULTIPLE,
-            "max_pixels": settings.max_pixels, "steps": [1, MAX_STEPS], "guidance_scale": [0, MAX_GUIDANCE],
-            "prompt_chars": MAX_PROMPT_CHARS, "seed": [0, MAX_SEED], "aspect_ratios": list(ASPECT_RATIOS),
-            "output_formats": ["png", "webp", "jpeg"], "job_timeout_s": settings.job_timeout_s,
-            "id_weight": [0, MAX_ID_WEIGHT], "max_response_bytes": settings.max_response_bytes,
-        },
+        "limits": {**input_limits(), "max_pixels": settings.max_pixels, "job_timeout_s": settings.job_timeout_s,
+                   "max_response_bytes": settings.max_response_bytes},
         "batching": {"max_batch_1024": max_batch_1024, "wait_ms": settings.batch_wait_ms,
                      "concurrency": settings.concurrency},
         "device": str(engine.device),

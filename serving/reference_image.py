@@ -3,18 +3,22 @@
 Everything here comes from outside, so everything is bounded: encoded size, pixel count (a
 decompression bomb is refused before decoding), image type, fetch time, and the fetch target —
 only public addresses, checked after DNS resolution and again for every redirect, and the
-connection goes to the address that was checked (no DNS rebinding in between).
+connection goes to the address that was checked (no DNS rebinding in between). The fetch time
+is one total deadline across connect, TLS, redirects, headers and body: every socket read is
+given only the time left, so a host that drips a byte at a time is cut off, not waited for.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import io
 import ipaddress
 import socket
 import ssl
-import http.client
+import time
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import numpy as np
@@ -26,7 +30,8 @@ FIELD = "reference_image"
 MAX_BYTES = 10 * 2**20
 MAX_PIXELS = 40_000_000
 MIN_SIDE = 64
-FETCH_TIMEOUT_S = 10.0
+FETCH_TIMEOUT_S = 10.0  # in total, for one reference (all redirects included)
+FETCH_CHUNK = 64 * 1024
 MAX_REDIRECTS = 3
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
 
@@ -108,7 +113,7 @@ def check_public_address(address: str) -> None:
 def _resolve_public(host: str, port: int) -> str:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):  # UnicodeError: a name IDNA cannot encode ("a..b", a 64-char label)
         raise _invalid("URL host does not resolve") from None
     addresses = [info[4][0] for info in infos]
     for address in addresses:  # every address must be public, not just the first
@@ -116,21 +121,81 @@ def _resolve_public(host: str, port: int) -> str:
     return addresses[0]
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """Connects to an already-checked IP while verifying the certificate for the host name."""
+class _DeadlineSSLSocket(ssl.SSLSocket):
+    """An SSL socket whose every read gets only the time left before `deadline` (monotonic)."""
 
-    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+    deadline = float("inf")
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("fetch deadline passed")
+        self.settimeout(remaining)
+        return super().recv_into(buffer, nbytes, flags)
+
+
+def _tls_context() -> ssl.SSLContext:
+    """The system's trust store, certificate and host name checked (tests trust their own CA here)."""
+    return ssl.create_default_context()
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """Connects to an already-checked IP while verifying the certificate for the host name; no read
+    (TLS handshake, headers, body) outlives `deadline`."""
+
+    def __init__(self, host: str, address: str, port: int, deadline: float) -> None:
+        context = _tls_context()
+        context.sslsocket_class = _DeadlineSSLSocket
+        super().__init__(host, port, timeout=_remaining(deadline), context=context)
         self._address = address
+        self._deadline = deadline
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        sock = socket.create_connection((self._address, self.port), _remaining(self._deadline))
+        try:  # the handshake is bounded by the socket's timeout as a whole
+            tls = self._context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        tls.deadline = self._deadline
+        self.sock = tls
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("fetch deadline passed")
+    return remaining
+
+
+def _declared_length(response: http.client.HTTPResponse) -> int | None:
+    declared = response.getheader("Content-Length")
+    if declared is None:
+        return None
+    if not declared.strip().isdigit():  # "abc", "-1", "1, 2": the host is broken, not us
+        raise _invalid("URL sent a malformed Content-Length")
+    return int(declared)
+
+
+def _read_body(response: http.client.HTTPResponse) -> bytes:
+    """At most MAX_BYTES, a chunk at a time (each read bounded by the connection's deadline)."""
+    declared = _declared_length(response)
+    if declared is not None and declared > MAX_BYTES:
+        raise _invalid(f"must be at most {MAX_BYTES // 2**20} MB")
+    data = bytearray()
+    while chunk := response.read1(FETCH_CHUNK):
+        data += chunk
+        if len(data) > MAX_BYTES:
+            raise _invalid(f"must be at most {MAX_BYTES // 2**20} MB")
+    return bytes(data)
 
 
 def fetch_https(url: str) -> bytes:
-    """GET an https URL: public targets only, bounded redirects, size and time."""
+    """GET an https URL: public targets only, bounded redirects, size and total time."""
+    deadline = time.monotonic() + FETCH_TIMEOUT_S
     for _ in range(MAX_REDIRECTS + 1):
+        if not (url.isascii() and url.isprintable()) or " " in url:  # http.client would raise on these
+            raise _invalid("is not a valid URL")
         try:
             parts = urlsplit(url)
             port = parts.port or 443
@@ -139,8 +204,9 @@ def fetch_https(url: str) -> bytes:
         if parts.scheme != "https" or not parts.hostname:
             raise _invalid("URLs must use https")
         address = _resolve_public(parts.hostname, port)
-        connection = _PinnedHTTPSConnection(parts.hostname, address, port, FETCH_TIMEOUT_S)
+        connection = None
         try:
+            connection = _PinnedHTTPSConnection(parts.hostname, address, port, deadline)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             connection.request("GET", path, headers={"User-Agent": "z-image-worker", "Accept": "image/*"})
             response = connection.getresponse()
@@ -149,15 +215,12 @@ def fetch_https(url: str) -> bytes:
                 continue
             if response.status != 200:
                 raise _invalid(f"URL answered HTTP {response.status}")
-            declared = int(response.getheader("Content-Length") or 0)
-            if declared > MAX_BYTES:
-                raise _invalid(f"must be at most {MAX_BYTES // 2**20} MB")
-            data = response.read(MAX_BYTES + 1)
-            if len(data) > MAX_BYTES:
-                raise _invalid(f"must be at most {MAX_BYTES // 2**20} MB")
-            return data
+            return _read_body(response)
+        except TimeoutError:
+            raise _invalid(f"URL took more than {FETCH_TIMEOUT_S:g} s to fetch") from None
         except (OSError, http.client.HTTPException):
             raise _invalid("URL could not be fetched") from None
         finally:
-            connection.close()
+            if connection is not None:
+                connection.close()
     raise _invalid(f"URL redirected more than {MAX_REDIRECTS} times")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from serving.errors import JobError
 
@@ -17,7 +19,8 @@ MAX_STEPS = 50
 MAX_GUIDANCE = 20.0
 MAX_SEED = 2**32 - 1
 SIZE_MULTIPLE = 16
-ASPECT_RATIOS = {"1:1": (1, 1), "16:9": (16, 9), "9:16": (9, 16), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3)}
+AspectRatio = Literal["1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3"]
+ASPECT_RATIOS = {name: tuple(int(n) for n in name.split(":")) for name in get_args(AspectRatio)}
 MEGAPIXEL = 1024 * 1024  # 1 "megapixel" is 1024x1024, so the default size is the model's native one
 DEFAULT_QUALITY = {"png": None, "webp": 90, "jpeg": 90}
 MAX_ID_WEIGHT = 3.0
@@ -26,6 +29,9 @@ MAX_REFERENCE_CHARS = 14 * 2**20  # a 10 MB image as base64, plus a data-URI hea
 # distilled for 8 steps without CFG; FLUX.1-dev with PuLID wants ~20 steps and its distilled
 # guidance ~4 (PuLID's "fake CFG", one forward per step)
 MODE_DEFAULTS = {"fast": (8, 0.0), "consistent": (20, 4.0)}
+# C0/C1 control characters and DEL, except tab, newline and carriage return (text pasted from any
+# editor). Lone surrogates are refused by pydantic's str check (the tokenizer cannot encode them).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 Workflow = Literal["auto", "z-image-simple", "z-image-danrisi"]
 Mode = Literal["fast", "consistent"]
@@ -40,113 +46,46 @@ class CapabilitiesRequest(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    """A request for `num_images` images of one prompt at one size and sampler setting."""
+    """A request for `num_images` images of one prompt at one size and sampler setting.
+
+    Bounds are declared on the fields: error messages (`_as_job_error`) and the capabilities'
+    `limits` (`input_limits`) are read from them."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     action: Literal["generate"] = "generate"
-    prompt: str
-    negative_prompt: str = ""
-    num_images: int = 1
-    width: int | None = None
-    height: int | None = None
-    aspect_ratio: str | None = None
-    megapixels: float | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
+    num_images: int = Field(1, ge=1, le=MAX_IMAGES)
+    width: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    height: int | None = Field(None, ge=MIN_SIDE, le=MAX_SIDE, multiple_of=SIZE_MULTIPLE)
+    aspect_ratio: AspectRatio | None = None
+    megapixels: float | None = Field(None, ge=0.01, le=4.0, allow_inf_nan=False)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     workflow: Workflow = "auto"
     eta: float | None = Field(default=None, ge=0, le=1)  # danrisi's SDE noise share (default 0.5)
     mode: Mode = "fast"
     output_format: ImageFormat = "webp"
-    output_quality: int | None = None
+    output_quality: int | None = Field(None, ge=1, le=100)
     delivery: Literal["base64", "url"] = "base64"
-    reference_image: str | None = None
-    id_weight: float = 1.0
-    identity_start_step: int | None = None
+    reference_image: str | None = Field(None, min_length=1, max_length=MAX_REFERENCE_CHARS)
+    id_weight: float = Field(1.0, ge=0.0, le=MAX_ID_WEIGHT, allow_inf_nan=False)
+    identity_start_step: int | None = Field(None, ge=0, le=MAX_STEPS - 1)
     fallback: Literal["none", "fast"] = "none"
+    _size_note: str | None = PrivateAttr(None)
 
-    @field_validator("prompt")
+    @field_validator("prompt", "negative_prompt")
     @classmethod
-    def _prompt(cls, value: str) -> str:
-        if not value.strip():
+    def _text(cls, value: str, info: ValidationInfo) -> str:
+        if info.field_name == "prompt" and not value.strip():
             raise ValueError("must not be empty")
-        if len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"must be at most {MAX_PROMPT_CHARS} characters")
+        control = _CONTROL.search(value)
+        if control:
+            raise ValueError(f"must not contain control characters other than tab, newline and carriage return: "
+                             f"U+{ord(control[0]):04X} at position {control.start()}")
         return value
-
-    @field_validator("negative_prompt")
-    @classmethod
-    def _negative_prompt(cls, value: str) -> str:
-        if len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"must be at most {MAX_PROMPT_CHARS} characters")
-        return value
-
-    @field_validator("num_images")
-    @classmethod
-    def _num_images(cls, value: int) -> int:
-        return _between(value, 1, MAX_IMAGES)
-
-    @field_validator("width", "height")
-    @classmethod
-    def _side(cls, value: int | None) -> int | None:
-        if value is None:
-            return None
-        _between(value, MIN_SIDE, MAX_SIDE)
-        if value % SIZE_MULTIPLE:
-            raise ValueError(f"must be a multiple of {SIZE_MULTIPLE}")
-        return value
-
-    @field_validator("aspect_ratio")
-    @classmethod
-    def _aspect_ratio(cls, value: str | None) -> str | None:
-        if value is not None and value not in ASPECT_RATIOS:
-            raise ValueError(f"must be one of {', '.join(ASPECT_RATIOS)}")
-        return value
-
-    @field_validator("megapixels")
-    @classmethod
-    def _megapixels(cls, value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and 0.01 <= value <= 4.0):
-            raise ValueError("must be between 0.01 and 4.0")
-        return value
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, value: int | None) -> int | None:
-        return None if value is None else _between(value, 1, MAX_STEPS)
-
-    @field_validator("guidance_scale")
-    @classmethod
-    def _guidance(cls, value: float | None) -> float | None:
-        return None if value is None else _finite_up_to(value, MAX_GUIDANCE)
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, value: int | None) -> int | None:
-        return None if value is None else _between(value, 0, MAX_SEED)
-
-    @field_validator("output_quality")
-    @classmethod
-    def _quality(cls, value: int | None) -> int | None:
-        return None if value is None else _between(value, 1, 100)
-
-    @field_validator("reference_image")
-    @classmethod
-    def _reference(cls, value: str | None) -> str | None:
-        if value is not None and not (0 < len(value) <= MAX_REFERENCE_CHARS):
-            raise ValueError("must be a non-empty https URL or base64 image of at most 10 MB")
-        return value
-
-    @field_validator("id_weight")
-    @classmethod
-    def _id_weight(cls, value: float) -> float:
-        return _finite_up_to(value, MAX_ID_WEIGHT)
-
-    @field_validator("identity_start_step")
-    @classmethod
-    def _start_step(cls, value: int | None) -> int | None:
-        return None if value is None else _between(value, 0, MAX_STEPS - 1)
 
     @model_validator(mode="after")
     def _consistent(self) -> "GenerateRequest":
@@ -170,6 +109,11 @@ class GenerateRequest(BaseModel):
         return (steps if self.steps is None else self.steps,
                 guidance if self.guidance_scale is None else self.guidance_scale)
 
+    @property
+    def size_note(self) -> str | None:
+        """Set when aspect_ratio/megapixels asked for a side over MAX_SIDE: what was served instead."""
+        return self._size_note
+
     @model_validator(mode="after")
     def _size(self) -> "GenerateRequest":
         explicit = self.width is not None or self.height is not None
@@ -177,7 +121,13 @@ class GenerateRequest(BaseModel):
         if explicit and by_ratio:
             raise _FieldRule("aspect_ratio", "give either width/height or aspect_ratio/megapixels, not both")
         if by_ratio:
-            self.width, self.height = size_for_aspect_ratio(self.aspect_ratio or "1:1", self.megapixels or 1.0)
+            ratio, megapixels = self.aspect_ratio or "1:1", self.megapixels or 1.0
+            self.width, self.height = size_for_aspect_ratio(ratio, megapixels)
+            wanted = _exact_size(ratio, megapixels)
+            if max(wanted) > MAX_SIDE:
+                self._size_note = (
+                    f"{ratio} at {megapixels:g} megapixels is {wanted[0]:.0f}x{wanted[1]:.0f}, over the "
+                    f"{MAX_SIDE}-pixel side limit: scaled down to {self.width}x{self.height}, same ratio")
         else:
             self.width = self.width or 1024
             self.height = self.height or 1024
@@ -193,28 +143,47 @@ class _FieldRule(ValueError):
         self.rule = rule
 
 
-def _between(value: int, low: int, high: int) -> int:
-    if not low <= value <= high:
-        raise ValueError(f"must be between {low} and {high}")
-    return value
-
-
-def _finite_up_to(value: float, high: float) -> float:
-    if not (math.isfinite(value) and 0.0 <= value <= high):
-        raise ValueError(f"must be a finite number between 0 and {high:g}")
-    return value
+def _exact_size(aspect_ratio: str, megapixels: float) -> tuple[float, float]:
+    rw, rh = ASPECT_RATIOS[aspect_ratio]
+    height = math.sqrt(megapixels * MEGAPIXEL * rh / rw)
+    return height * rw / rh, height
 
 
 def size_for_aspect_ratio(aspect_ratio: str, megapixels: float) -> tuple[int, int]:
-    """Width and height near `megapixels` at the ratio, each a multiple of 16 within bounds."""
-    rw, rh = ASPECT_RATIOS[aspect_ratio]
-    height = math.sqrt(megapixels * MEGAPIXEL * rh / rw)
-    width = height * rw / rh
+    """Width and height near `megapixels` at the ratio, each a multiple of 16 within bounds. A size
+    with a side over MAX_SIDE is scaled down whole, so the ratio is kept (fewer megapixels)."""
+    width, height = _exact_size(aspect_ratio, megapixels)
+    scale = min(1.0, MAX_SIDE / max(width, height))
 
     def snap(side: float) -> int:
-        return min(MAX_SIDE, max(MIN_SIDE, SIZE_MULTIPLE * round(side / SIZE_MULTIPLE)))
+        return min(MAX_SIDE, max(MIN_SIDE, SIZE_MULTIPLE * round(side * scale / SIZE_MULTIPLE)))
 
     return snap(width), snap(height)
+
+
+def _constraints(field: str) -> dict[str, Any]:
+    """A GenerateRequest field's declared bounds: ge, le, multiple_of, min/max_length, allow_inf_nan."""
+    found: dict[str, Any] = {}
+    for item in GenerateRequest.model_fields[field].metadata:
+        for name in ("ge", "le", "multiple_of", "min_length", "max_length", "allow_inf_nan"):
+            if getattr(item, name, None) is not None:
+                found[name] = getattr(item, name)
+    return found
+
+
+def input_limits() -> dict[str, Any]:
+    """The capabilities' `limits` that come from the request schema (the deployment adds its own)."""
+    def span(field: str) -> list[int | float]:
+        bounds = _constraints(field)
+        return [bounds["ge"], bounds["le"]]
+
+    return {
+        "num_images": span("num_images"), "side": span("width"),
+        "size_multiple": _constraints("width")["multiple_of"], "steps": span("steps"),
+        "guidance_scale": span("guidance_scale"), "prompt_chars": _constraints("prompt")["max_length"],
+        "seed": span("seed"), "aspect_ratios": list(ASPECT_RATIOS), "output_formats": list(get_args(ImageFormat)),
+        "id_weight": span("id_weight"),
+    }
 
 
 def parse_job_input(raw: Any) -> GenerateRequest | CapabilitiesRequest:
@@ -244,5 +213,33 @@ def _as_job_error(err: ValidationError) -> JobError:
         return JobError("invalid_input", "unknown field", field=field)
     if first["type"] == "missing":
         return JobError("invalid_input", "is required", field=field)
-    rule = first["msg"].removeprefix("Value error, ")
-    return JobError("invalid_input", rule[:1].lower() + rule[1:], field=field)
+    rule = _rule(first["type"], field, first.get("ctx") or {})
+    if rule is None:
+        rule = first["msg"].removeprefix("Value error, ")
+        rule = rule[:1].lower() + rule[1:]
+    return JobError("invalid_input", rule, field=field)
+
+
+def _rule(kind: str, field: str, ctx: dict[str, Any]) -> str | None:
+    """Our wording of a bound a field declares, with both ends of a range (None: pydantic's own)."""
+    if kind == "string_unicode":
+        return "must be valid Unicode text (no lone surrogate \\ud800-\\udfff)"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if field not in GenerateRequest.model_fields:
+        return None
+    bounds = _constraints(field)
+    if kind in ("greater_than_equal", "less_than_equal", "finite_number") and {"ge", "le"} <= bounds.keys():
+        finite = "a finite number " if bounds.get("allow_inf_nan") is False else ""
+        return f"must be {finite}between {_number(bounds['ge'])} and {_number(bounds['le'])}"
+    if kind == "multiple_of":
+        return f"must be a multiple of {bounds['multiple_of']}"
+    if kind == "string_too_long":
+        return f"must be at most {bounds['max_length']} characters"
+    if kind == "string_too_short":
+        return "must not be empty"
+    return None
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"

@@ -38,12 +38,13 @@ TORCH_PIN, TORCH_CUDA = "torch==2.13.0", "13.0"
 
 
 def test_the_image_installs_the_pinned_torch_for_the_cuda_its_base_and_hosts_have() -> None:
-    requirements = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
-    pins = [line for line in requirements if line]
+    lines = [line.split("#")[0].strip() for name in ("requirements.txt", "requirements-gpu.txt")
+             for line in (ROOT / name).read_text().splitlines()]
+    pins = [line for line in lines if line and line != "-r requirements.txt"]
     assert all("==" in line for line in pins), "every runtime requirement is pinned"
-    assert TORCH_PIN in pins
+    assert TORCH_PIN in pins and "torchao==0.18.0" in pins  # torchao: FP8 on CUDA, the image only
     install = INSTRUCTIONS[position("pip install")]
-    assert install == "RUN pip install -r requirements.txt"  # PyPI's build: no other index, no other torch
+    assert install == "RUN pip install -r requirements-gpu.txt"  # PyPI's build: no other index, no other torch
     assert not any("--index-url" in line or "torch==" in line for line in INSTRUCTIONS)
     assert re.fullmatch(rf"FROM nvidia/cuda:{re.escape(TORCH_CUDA)}\.\d+-base-ubuntu24\.04", INSTRUCTIONS[0])
     for name in ("hub.json", "tests.json"):

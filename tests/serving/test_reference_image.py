@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import datetime
 import io
+import ipaddress
+import ssl
 import struct
+import threading
+import time
 import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from serving import reference_image as ref
@@ -145,8 +161,9 @@ class FakeResponse:
     def getheader(self, name: str, default: str | None = None) -> str | None:
         return self._headers.get(name, default)
 
-    def read(self, limit: int) -> bytes:
-        return self._body[:limit]
+    def read1(self, limit: int) -> bytes:
+        chunk, self._body = self._body[:limit], self._body[limit:]
+        return chunk
 
 
 @pytest.fixture
@@ -158,7 +175,7 @@ def web(monkeypatch):
         return [(2, 1, 6, "", (address, port)) for address in state["dns"][host]]
 
     class Connection:
-        def __init__(self, host, address, port, timeout):
+        def __init__(self, host, address, port, deadline):
             self.host, self.address = host, address
             state["connected"].append((host, address))
 
@@ -219,3 +236,155 @@ def test_fetch_size_status_and_content_are_checked(web):
     refused("https://photos.example/a", "is not a readable image")
     web["responses"]["photos.example"] = FakeResponse(200, {}, encoded("GIF"))
     refused("https://photos.example/a", "must be PNG, JPEG or WebP, got GIF")
+
+
+# -- fetching from real HTTPS servers on loopback -------------------------------------------------
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (and its key), which the tests' TLS context trusts."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@dataclass
+class Host:
+    """An HTTPS server on 127.0.0.1. Paths: /photo.png answers at once; /drip-body and /drip-headers
+    send one byte per `drip_s` until `release` is set; /length/<value> declares that Content-Length."""
+
+    url: str
+    photo: bytes
+    drip_s: float = 0.2
+    release: threading.Event = field(default_factory=threading.Event)
+    dripping: threading.Event = field(default_factory=threading.Event)  # a drip has started
+
+    def drip(self, wfile: Any, data: bytes) -> None:
+        self.dripping.set()
+        for byte in data:
+            if self.release.wait(self.drip_s):
+                return
+            wfile.write(bytes([byte]))
+            wfile.flush()
+
+
+def _host_handler(host: Host) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            head = f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(host.photo)}\r\n\r\n".encode()
+            with contextlib.suppress(OSError):
+                if self.path == "/photo.png":
+                    self.wfile.write(head + host.photo)
+                elif self.path == "/drip-body":
+                    self.wfile.write(head)
+                    host.drip(self.wfile, host.photo)
+                elif self.path == "/drip-headers":
+                    host.drip(self.wfile, head + host.photo)
+                elif self.path.startswith("/length/"):
+                    self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {self.path[8:]}\r\n\r\n".encode() + host.photo)
+                self.close_connection = True
+
+    return Handler
+
+
+@pytest.fixture
+def https_host(tmp_path: Path, monkeypatch) -> Iterator[Host]:
+    """A real TLS server on loopback, with loopback (only) allowed and its certificate trusted."""
+    cert_path, key_path = self_signed_certificate(tmp_path)
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert_path, key_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), None)  # type: ignore[arg-type]
+    host = Host(f"https://127.0.0.1:{server.server_address[1]}", photo_png())
+    server.RequestHandlerClass = _host_handler(host)
+    server.socket = server_context.wrap_socket(server.socket, server_side=True)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    public = ref.check_public_address
+    monkeypatch.setattr(ref, "check_public_address", lambda address: None if address == "127.0.0.1" else public(address))
+    monkeypatch.setattr(ref, "_tls_context", lambda: ssl.create_default_context(cafile=str(cert_path)))
+    try:
+        yield host
+    finally:
+        host.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def photo_png() -> bytes:
+    """Noise the demo face detector reads as one face (as in tests/test_consistent_mode.py)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(60, 200, (96, 128, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_real_https_host_is_fetched(https_host):
+    raw, rgb = load_reference_image(f"{https_host.url}/photo.png")
+    assert raw == https_host.photo and rgb.shape == (96, 128, 3)
+
+
+@pytest.mark.parametrize("path", ["/drip-body", "/drip-headers"])
+def test_a_dripping_host_is_cut_off_at_the_total_deadline(https_host, monkeypatch, path):
+    """One byte per 0.2 s never trips a per-read timeout; the total deadline (1 s here) stops it."""
+    monkeypatch.setattr(ref, "FETCH_TIMEOUT_S", 1.0)
+    started = time.monotonic()
+    refused(f"{https_host.url}{path}", "URL took more than 1 s to fetch")
+    assert time.monotonic() - started < 1.0 + 2 * https_host.drip_s + 1.0  # the deadline plus a drip, not the photo's 100+ s
+
+
+@pytest.mark.parametrize(("length", "rule"), [
+    ("abc", "URL sent a malformed Content-Length"), ("-5", "URL sent a malformed Content-Length"),
+    ("1,2", "URL sent a malformed Content-Length"), (str(10**30), "must be at most 10 MB"),
+])
+def test_a_malformed_content_length_is_an_invalid_reference(https_host, length, rule):
+    refused(f"{https_host.url}/length/{length}", rule)
+
+
+@pytest.mark.parametrize("url", ["https://exämple.com/a.png", "https://example.com/ä.png", "https://example.com/a b",
+                                 "https://example.com/a\r\nX-Injected: 1", "https://a..b/a.png", f"https://{'a' * 64}.com/"])
+def test_urls_that_cannot_be_sent_are_invalid_not_internal(url):
+    with pytest.raises(JobError) as caught:
+        load_reference_image(url)
+    assert caught.value.code == "invalid_reference"
+
+
+def test_a_dripping_reference_host_does_not_hold_another_consistent_job(handler_module, https_host, monkeypatch):
+    """Job A's reference host drips; job B (another host, here the same server's fast path) runs
+    to its images while A is still fetching. Then the host lets go and A fails cleanly."""
+    from serving.local_run import collect
+
+    monkeypatch.setattr(ref, "FETCH_TIMEOUT_S", 120.0)  # A ends when the test releases the host, not on time
+    worker = handler_module.WORKER
+    small = {"prompt": "a portrait", "mode": "consistent", "width": 64, "height": 64, "steps": 2, "seed": 1}
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], bool]:
+        slow = asyncio.create_task(collect(worker.run_job, {"id": "slow", "input": {
+            **small, "reference_image": f"{https_host.url}/drip-body"}}))
+        while not https_host.dripping.is_set():
+            await asyncio.sleep(0.02)
+        fast = await asyncio.wait_for(collect(worker.run_job, {"id": "fast", "input": {
+            **small, "reference_image": f"{https_host.url}/photo.png"}}), 300)
+        slow_still_fetching = not slow.done()
+        https_host.release.set()
+        return await slow, fast, slow_still_fetching
+
+    slow, fast, slow_still_fetching = asyncio.run(scenario())
+    assert fast.get("errors") == [] and len(fast["images"]) == 1, fast
+    assert slow_still_fetching
+    assert slow["error"].startswith("invalid_reference: reference_image: "), slow
