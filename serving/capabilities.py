@@ -28,6 +28,7 @@ def capabilities(settings: Settings, modes: Modes, store: ImageStore | None, sta
         "model": {"id": identity.id, "revision": identity.revision, "demo": identity.demo},
         "workflows": modes.fast.workflows(),
         "modes": modes.describe(),
+        "loras": modes.fast.loras.describe(),
         "delivery": {"base64": True, "url": store is not None, "url_with_job_s3Config": True,
                      "result_cache": bool(store and store.config.result_cache)},
         "limits": {**input_limits(), "max_pixels": settings.max_pixels, "job_timeout_s": settings.job_timeout_s,

@@ -18,6 +18,7 @@ from pipelines.pulid_flux import PuLIDFluxPipeline, PuLIDSpec
 from pipelines.samplers import DANRISI_ETA, DANRISI_REFERENCE_STEPS
 from pipelines.z_image import BatchSpec, ZImageEngine
 from serving.errors import JobError
+from serving.lora_loading import LoraLoader
 from serving.reference_image import load_reference_image
 from serving.schema import MODE_DEFAULTS, GenerateRequest
 from serving.settings import Settings
@@ -42,13 +43,14 @@ def sampling_defaults(mode: str) -> dict[str, Any]:
 
 
 class FastMode:
-    """Z-Image-Turbo: the simple (diffusers) or danrisi workflow."""
+    """Z-Image-Turbo: the simple (diffusers) or danrisi workflow, with the job's LoRAs."""
 
     name = "fast"
 
     def __init__(self, engine: ZImageEngine, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
+        self.loras = LoraLoader(settings, engine.lora_layers)
 
     def resolve_workflow(self, requested: str) -> str:
         if requested == "auto":
@@ -61,7 +63,10 @@ class FastMode:
     async def choose(self, request: GenerateRequest) -> ModeChoice:
         workflow = self.resolve_workflow(request.workflow)
         spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow, _eta(request, workflow))
-        return ModeChoice(self.name, self.engine, spec)
+        if not request.loras:
+            return ModeChoice(self.name, self.engine, spec)
+        loras, reports = await self.loras.load(request.loras)
+        return ModeChoice(self.name, self.engine, spec, {"loras": reports}, loras)
 
     def workflows(self) -> list[dict[str, Any]]:
         danrisi_reason = None if self.settings.danrisi_enabled else "disabled by DANRISI_ENABLED=0"

@@ -60,11 +60,14 @@ class JobPlan:
     def cache_params(self, item: ImageItem) -> dict[str, Any]:
         """Everything that decides an image's pixels and bytes: the result cache's key."""
         request, spec = self.request, self.spec
-        return {
+        params = {
             "model": model_fields(self.engine), "mode": self.mode.name, **spec_fields(spec),
             "prompt": item.prompt, "negative_prompt": item.negative_prompt if spec.cfg else "", "seed": item.seed,
             "format": request.output_format, "quality": effective_quality(request.output_format, request.output_quality),
         }
+        if item.loras:  # each LoRA by its content, in order: a renamed file still hits
+            params["loras"] = [[adapter.sha256, scale] for adapter, scale in item.loras]
+        return params
 
 
 async def job_store(s3_config: Any, settings: Settings, default: ImageStore | None, io: StorageIO) -> ImageStore | None:

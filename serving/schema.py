@@ -25,6 +25,9 @@ MEGAPIXEL = 1024 * 1024  # 1 "megapixel" is 1024x1024, so the default size is th
 DEFAULT_QUALITY = {"png": None, "webp": 90, "jpeg": 90}
 MAX_ID_WEIGHT = 3.0
 MAX_REFERENCE_CHARS = 14 * 2**20  # a 10 MB image as base64, plus a data-URI header
+MAX_LORAS = 4
+MAX_LORA_SCALE = 4.0
+MAX_LORA_PATH_CHARS = 2048
 # (steps, guidance_scale) when a request leaves them out, for the mode that runs: Z-Image-Turbo is
 # distilled for 8 steps without CFG; FLUX.1-dev with PuLID wants ~20 steps and its distilled
 # guidance ~4 (PuLID's "fake CFG", one forward per step)
@@ -43,6 +46,15 @@ class CapabilitiesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     action: Literal["capabilities"]
+
+
+class LoraRef(BaseModel):
+    """One LoRA of a request: a file name in LORA_DIR or an https URL, and its strength."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    path: str = Field(min_length=1, max_length=MAX_LORA_PATH_CHARS)
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False)
 
 
 class GenerateRequest(BaseModel):
@@ -74,6 +86,7 @@ class GenerateRequest(BaseModel):
     id_weight: float = Field(1.0, ge=0.0, le=MAX_ID_WEIGHT, allow_inf_nan=False)
     identity_start_step: int | None = Field(None, ge=0, le=MAX_STEPS - 1)
     fallback: Literal["none", "fast"] = "none"
+    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
     _size_note: str | None = PrivateAttr(None)
 
     @field_validator("prompt", "negative_prompt")
@@ -95,6 +108,8 @@ class GenerateRequest(BaseModel):
             raise _FieldRule("reference_image", "is only used in consistent mode")
         if self.identity_start_step is not None and self.identity_start_step >= self.sampling("consistent")[0]:
             raise _FieldRule("identity_start_step", "must be less than steps")
+        if self.mode == "consistent" and self.loras:
+            raise _FieldRule("loras", "are only available in fast mode (Z-Image), not with PuLID-FLUX")
         return self
 
     @model_validator(mode="after")
@@ -162,9 +177,13 @@ def size_for_aspect_ratio(aspect_ratio: str, megapixels: float) -> tuple[int, in
 
 
 def _constraints(field: str) -> dict[str, Any]:
-    """A GenerateRequest field's declared bounds: ge, le, multiple_of, min/max_length, allow_inf_nan."""
+    """A field's declared bounds (ge, le, multiple_of, min/max_length, allow_inf_nan): a
+    GenerateRequest field, or a LoRA's (`loras.<i>.<name>`)."""
     found: dict[str, Any] = {}
-    for item in GenerateRequest.model_fields[field].metadata:
+    parts = field.split(".")
+    model_field = (LoraRef.model_fields[parts[2]] if parts[0] == "loras" and len(parts) == 3
+                   else GenerateRequest.model_fields[field])
+    for item in model_field.metadata:
         for name in ("ge", "le", "multiple_of", "min_length", "max_length", "allow_inf_nan"):
             if getattr(item, name, None) is not None:
                 found[name] = getattr(item, name)
@@ -182,7 +201,7 @@ def input_limits() -> dict[str, Any]:
         "size_multiple": _constraints("width")["multiple_of"], "steps": span("steps"),
         "guidance_scale": span("guidance_scale"), "prompt_chars": _constraints("prompt")["max_length"],
         "seed": span("seed"), "aspect_ratios": list(ASPECT_RATIOS), "output_formats": list(get_args(ImageFormat)),
-        "id_weight": span("id_weight"),
+        "id_weight": span("id_weight"), "loras": MAX_LORAS, "lora_scale": [-MAX_LORA_SCALE, MAX_LORA_SCALE],
     }
 
 
@@ -226,7 +245,9 @@ def _rule(kind: str, field: str, ctx: dict[str, Any]) -> str | None:
         return "must be valid Unicode text (no lone surrogate \\ud800-\\udfff)"
     if kind == "literal_error":
         return f"must be {ctx['expected']}"
-    if field not in GenerateRequest.model_fields:
+    nested = field.split(".")
+    if field not in GenerateRequest.model_fields and not (
+            nested[0] == "loras" and len(nested) == 3 and nested[2] in LoraRef.model_fields):
         return None
     bounds = _constraints(field)
     if kind in ("greater_than_equal", "less_than_equal", "finite_number") and {"ge", "le"} <= bounds.keys():
@@ -236,6 +257,8 @@ def _rule(kind: str, field: str, ctx: dict[str, Any]) -> str | None:
         return f"must be a multiple of {bounds['multiple_of']}"
     if kind == "string_too_long":
         return f"must be at most {bounds['max_length']} characters"
+    if kind == "too_long":
+        return f"must have at most {bounds['max_length']} items"
     if kind == "string_too_short":
         return "must not be empty"
     return None

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(600, ge=1, le=86_400)
     max_response_mb: int = Field(10, ge=1, le=20)
     max_chunk_bytes: int = Field(1_000_000, ge=65_536, le=20 * 2**20)
+    # LoRA per request (docs/LORA.md)
+    lora_dir: Path | None = None
+    lora_allow_urls: bool = True
+    lora_max_mb: int = Field(512, ge=1, le=4096)
+    lora_fetch_timeout_s: float = Field(60.0, gt=0, le=600)
+    lora_cache_dir: Path | None = REPO_ROOT / ".cache" / "loras"
+    lora_cache_mb: int = Field(10_240, ge=0, le=1_000_000)
+    lora_adapter_cache: int = Field(16, ge=1, le=1024)
     # storage (docs/STORAGE.md)
     bucket_endpoint_url: str | None = None
     bucket_access_key_id: Secret = None

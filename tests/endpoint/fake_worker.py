@@ -29,8 +29,9 @@ MAX_PIXELS = 2048 * 2048
 CAPABILITIES: dict[str, Any] = {
     "model": {"id": "fixture", "revision": "none", "demo": True},
     "workflows": [
-        {"name": "z-image-simple", "available": True, "reason": None},
-        {"name": "z-image-danrisi", "available": False, "reason": "fixture: not offered"},
+        {"name": "z-image-simple", "available": True, "reason": None, "model_calls": "steps", "sampler": "fixture"},
+        {"name": "z-image-danrisi", "available": False, "reason": "fixture: not offered", "model_calls": "2*steps+1",
+         "sampler": "fixture", "eta": {"default": 0.5, "range": [0, 1]}, "reference": {}},
         {"name": "auto", "available": True, "reason": None, "resolves_to": "z-image-simple"},
     ],
     "modes": [
@@ -38,6 +39,9 @@ CAPABILITIES: dict[str, Any] = {
         {"name": "consistent", "available": False, "reason": "fixture: no PuLID weights",
          "defaults": {"steps": 20, "guidance_scale": 4.0}},
     ],
+    "loras": {"available": False, "max_count": 4, "scale": [-4.0, 4.0], "formats": [], "lora_dir": False,
+              "urls": False, "max_mb": 0, "disk_cache_mb": 0, "adapter_cache": 0, "mixed_batches": False,
+              "modes": []},
     "delivery": {"base64": True, "url": False, "url_with_job_s3Config": False, "result_cache": False},
     "limits": {**input_limits(), "side": [MIN_SIDE, MAX_SIDE],  # the sides this fixture accepts (`_invalid`)
                "max_pixels": MAX_PIXELS, "job_timeout_s": 600, "max_response_bytes": 10 * 2**20},
@@ -46,6 +50,7 @@ CAPABILITIES: dict[str, Any] = {
     "gpu": None,
     "dtype": "float32",
     "load_seconds": 0.0,
+    "startup_ms": {"total": 0.0},
     "acceleration": {},
     "versions": {},
 }
