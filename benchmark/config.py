@@ -28,6 +28,10 @@ class Matrix(_Strict):
     resolutions: list[tuple[int, int]] = Field(default=[(1024, 1024)], min_length=1)
     num_images: list[int] = Field(default=[1], min_length=1)
     concurrency: list[int] = Field(default=[1], min_length=1)
+    # LoRA sets, each a permutation: a list of the API's `loras` entries ({"path", "scale"}) that
+    # every job of the run sends; a set of sets (a list of lists) gives job j the set j mod n, so
+    # concurrent jobs bring different LoRAs (the users' case: one character LoRA per user)
+    loras: list[list[dict[str, Any]] | list[list[dict[str, Any]]]] = Field(default=[[]], min_length=1)
 
 
 class Wizard(_Strict):
@@ -84,14 +88,28 @@ class Permutation:
     height: int
     num_images: int
     jobs: int
+    loras: str = "[]"  # the matrix's LoRA set as JSON (hashable; see Matrix.loras)
 
     @property
     def key(self) -> str:
+        lora = f"/lora{_lora_label(json.loads(self.loras))}" if json.loads(self.loras) else ""
         return (f"{self.scenario}/{self.vertical}/{self.workflow}/{self.mode}/s{self.steps}/"
-                f"{self.width}x{self.height}/{self.jobs}x{self.num_images}img")
+                f"{self.width}x{self.height}/{self.jobs}x{self.num_images}img{lora}")
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
+
+    def job_loras(self, job: int) -> list[dict[str, Any]]:
+        """Job `job`'s `loras`: the set, or set `job mod n` of a set of sets."""
+        loras = json.loads(self.loras)
+        if loras and isinstance(loras[0], list):
+            return loras[job % len(loras)]
+        return loras
+
+
+def _lora_label(loras: list) -> str:
+    """`1` for one LoRA on every job, `4mixed` for four sets that concurrent jobs cycle through."""
+    return f"{len(loras)}mixed" if isinstance(loras[0], list) else str(len(loras))
 
 
 def permutations(config: BenchmarkConfig) -> list[Permutation]:
@@ -100,10 +118,11 @@ def permutations(config: BenchmarkConfig) -> list[Permutation]:
     for vertical in config.verticals:
         if config.matrix is not None:
             m = config.matrix
-            for workflow, mode, steps, (width, height), num, jobs in itertools.product(
-                m.workflows, m.modes, m.steps, m.resolutions, m.num_images, m.concurrency
+            for workflow, mode, steps, (width, height), num, jobs, loras in itertools.product(
+                m.workflows, m.modes, m.steps, m.resolutions, m.num_images, m.concurrency, m.loras
             ):
-                out.append(Permutation(MATRIX, vertical, workflow, mode, steps, width, height, num, jobs))
+                out.append(Permutation(MATRIX, vertical, workflow, mode, steps, width, height, num, jobs,
+                                       json.dumps(loras)))
         if config.wizard is not None:
             w = config.wizard
             common = (vertical, w.workflow, w.mode, w.steps, w.width, w.height)
@@ -128,7 +147,7 @@ def job_inputs(config: BenchmarkConfig, perm: Permutation, repetition: int) -> l
             "workflow": perm.workflow,
             "mode": perm.mode,
             "seed": 1000 * repetition + j,
-        })
+        } | ({"loras": perm.job_loras(j)} if perm.job_loras(j) else {}))
     return inputs
 
 

@@ -121,3 +121,16 @@ def test_config_is_bounded_and_strict() -> None:
         _config(matrix={"num_images": [1, 2, 3, 4]}, repetitions=100, limits={"max_runs": 50})
     with pytest.raises(ValidationError):
         _config(surprise=True)
+
+
+def test_a_matrix_can_add_loras_to_a_permutation_and_mix_them_across_concurrent_jobs():
+    from benchmark.config import BenchmarkConfig, job_inputs, permutations
+
+    one, mixed = [{"path": "a.safetensors"}], [[{"path": "a.safetensors"}], [{"path": "b.safetensors", "scale": 0.5}]]
+    config = BenchmarkConfig(name="lora", verticals={"v": ["p"]}, repetitions=1,
+                             matrix={"loras": [[], one, mixed], "concurrency": [2]})
+    plain, same, different = permutations(config)
+    assert [job.get("loras") for job in job_inputs(config, plain, 0)] == [None, None]
+    assert [job["loras"] for job in job_inputs(config, same, 0)] == [one, one]
+    assert [job["loras"] for job in job_inputs(config, different, 0)] == mixed
+    assert (same.key.endswith("/lora1"), different.key.endswith("/lora2mixed")) == (True, True)

@@ -215,5 +215,5 @@ def test_s3_config_reaches_the_worker(real: BackgroundEndpoint) -> None:
     api = Api(real)
     body = api.call("POST", "runsync", {"input": {**JOB, "num_images": 1}, "s3Config": {"bucketName": "b"}}).json()
     assert body["status"] == "FAILED"
-    assert body["error"].startswith("invalid_input: s3Config: "), body["error"]
+    assert body["error"].startswith("invalid_input: s3Config.accessId: "), body["error"]  # the first field it lacks
     assert api.call("POST", "run", {"input": JOB, "s3Config": "b"}).status_code == 400  # not an object
