@@ -1,7 +1,8 @@
 """Run by tests/pipelines/test_acceleration.py in a fresh process (a restarted worker, as far as
 dynamo and Inductor's in-memory caches know): the demo engine's eager images for a few jobs, then
 what a CUDA worker does at start (`prepare_engine`: attention selection, regional compile, warm-up,
-compile cache saved) on CPU, the same jobs compiled, and a save to a path it cannot be written to.
+compile cache saved) on CPU, the same jobs compiled (LoRA jobs among them), and a save to a path it
+cannot be written to.
 Prints one JSON line."""
 
 from __future__ import annotations
@@ -14,27 +15,43 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root
 
+import torch  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from models.z_image_demo import ensure_demo_model  # noqa: E402
 from pipelines.acceleration import MEGA_CACHE_FILE, AccelerationPlan, save_compile_cache  # noqa: E402
+from pipelines.lora import LoraAdapter  # noqa: E402
 from pipelines.startup import prepare_engine  # noqa: E402
 from pipelines.z_image import ZImageEngine  # noqa: E402
 from serving.settings import REPO_ROOT  # noqa: E402
 
 WARMUP_SIDE, WARMUP_MAX_BATCH = 64, 4
-# (batch size, prompt, width, height): batch sizes, caption lengths and sizes the warm-up never ran.
+# (batch size, prompt, width, height, LoRA): batch sizes, caption lengths, sizes and LoRAs (other
+# ranks, so another stacked rank) the warm-up never ran.
 JOBS = [
-    (1, "a lighthouse on a cliff above a stormy sea at night, " * 3, 96, 64),
-    (4, "a red fox in the snow", 128, 128),
-    (2, "a cat", 80, 112),
-    (3, "a lighthouse on a cliff above a stormy sea at night, " * 3, 64, 64),
-    (1, "a cat", 128, 96),
+    (1, "a lighthouse on a cliff above a stormy sea at night, " * 3, 96, 64, None),
+    (4, "a red fox in the snow", 128, 128, None),
+    (2, "a cat", 80, 112, None),
+    (3, "a lighthouse on a cliff above a stormy sea at night, " * 3, 64, 64, None),
+    (1, "a cat", 128, 96, None),
+    (2, "a red fox in the snow", 64, 64, ("a", 4)),
+    (1, "a cat", 96, 64, ("b", 16)),
+    (3, "a cat", 64, 64, ("a", 4)),
 ]
 
 
-def images(engine: ZImageEngine, count: int, prompt: str, width: int, height: int) -> np.ndarray:
-    return engine.generate_fixed(prompt, count, width, height, 2).images
+def adapter(engine: ZImageEngine, name: str, rank: int) -> LoraAdapter:
+    """Random factors on every hooked layer: a LoRA that changes the image."""
+    generator = torch.Generator().manual_seed(rank)
+    factors = {layer_name: (torch.randn(rank, layer.in_features, generator=generator) * 0.1,
+                            torch.randn(layer.out_features, rank, generator=generator) * 0.1)
+               for layer_name, layer in engine.lora_layers.targets.items()}
+    return LoraAdapter(name * 64, "test", factors)
+
+
+def images(engine: ZImageEngine, count: int, prompt: str, width: int, height: int, lora) -> np.ndarray:
+    loras = ((adapter(engine, *lora), 1.0),) if lora else ()
+    return engine.generate_fixed(prompt, count, width, height, 2, loras).images
 
 
 def main(cache_dir: Path) -> None:

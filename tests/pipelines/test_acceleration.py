@@ -180,7 +180,8 @@ def first_compile(tmp_path_factory) -> tuple[Path, dict]:
     return cache_dir, _compiled_generation(cache_dir)
 
 
-def test_after_warm_up_jobs_of_new_batch_sizes_captions_and_sizes_compile_nothing(first_compile):
+@pytest.mark.slow
+def test_after_warm_up_jobs_of_new_batch_sizes_captions_sizes_and_loras_compile_nothing(first_compile):
     _, run = first_compile
     assert run["compiled_blocks"] == run["blocks"] > 0
     assert run["graphs_after_warmup"] > 0
@@ -190,6 +191,7 @@ def test_after_warm_up_jobs_of_new_batch_sizes_captions_and_sizes_compile_nothin
     assert run["saved_unwritable"] is None
 
 
+@pytest.mark.slow
 def test_the_saved_compile_cache_alone_spares_a_restarted_worker_the_compile(first_compile, tmp_path):
     cache_dir, _ = first_compile
     shutil.copy(cache_dir / MEGA_CACHE_FILE, tmp_path / MEGA_CACHE_FILE)  # no inductor dir: the file alone
@@ -199,6 +201,7 @@ def test_the_saved_compile_cache_alone_spares_a_restarted_worker_the_compile(fir
     assert max(restarted["max_pixel_diff"]) <= 1
 
 
+@pytest.mark.slow
 def test_a_failing_compile_turns_the_engine_eager_and_the_batch_still_renders(demo_dir, tmp_path, monkeypatch):
     """A real Inductor failure (no working C++ compiler; on a GPU, Triton or ptxas failing alike)
     during the first compiled batch: the batch renders eagerly, and so does every later one."""

@@ -41,6 +41,7 @@ def _images(pipe: PuLIDFluxPipeline, count: int, prompt: str = "a portrait") -> 
     return pipe.generate([ImageItem(prompt, "", seed) for seed in range(count)], _spec(pipe)).images
 
 
+@pytest.mark.slow
 def test_compiled_flux_blocks_with_identity_hooks_match_eager_and_warm_up_leaves_nothing_to_compile(pipe, tmp_path):
     eager = {count: _images(pipe, count) for count in (1, 3)}
     torch._dynamo.reset()
@@ -54,6 +55,7 @@ def test_compiled_flux_blocks_with_identity_hooks_match_eager_and_warm_up_leaves
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_a_failing_flux_compile_turns_eager_and_the_batch_still_renders(pipe, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     eager = _images(pipe, 2)
