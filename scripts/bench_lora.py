@@ -76,7 +76,8 @@ def median_seconds(run, repeats: int) -> float:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    model_dir = args.model_dir or ensure_demo_model(ROOT / ".cache" / "demo-models")
+    demo_dir = Path(os.environ.get("DEMO_MODEL_DIR", ROOT / ".cache" / "demo-models"))
+    model_dir = args.model_dir or ensure_demo_model(demo_dir)
     engine = ZImageEngine.load(model_dir, args.device)
     layers = MixedLoraLayers.install(engine.pipe.transformer)
     spec = BatchSpec(args.size, args.size, args.steps, 0.0, "z-image-simple")
