@@ -1,9 +1,10 @@
 """Benchmark per-image LoRA on the loaded engine (the demo model unless --model-dir), in one run.
 
-    .venv/bin/python scripts/bench_lora.py                       # 256x256, 4 steps, rank 16, 3 repeats
+    .venv/bin/python scripts/bench_lora.py                       # 256x256, 4 steps, rank 16, 5 rounds
     .venv/bin/python scripts/bench_lora.py --size 512 --steps 8 --rank 32 --model-dir /models/z-image
 
-Measured as the median over --repeats after one unrecorded warm-up, each as a ratio in this run:
+Measured as the median over --repeats rounds (variants interleaved, after one unrecorded round),
+each as a ratio in this run:
 
 1. a batch of 4 images with one LoRA vs the same batch plain;
 2. 4 images with 4 different LoRAs in ONE batch vs 4 batches of one image each with its LoRA;
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model-dir", type=Path, default=None, help="a diffusers Z-Image folder (default: demo)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
@@ -64,19 +65,23 @@ def kohya_lora(layers: MixedLoraLayers, rank: int, seed: int) -> bytes:
     return save(tensors)
 
 
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up, unrecorded
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each run, measured round-robin (one warm-up round unrecorded), so that a
+    shared machine's load drift hits every variant alike and the ratios stay comparable."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(repeats + 1):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            if round_index:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    model_dir = args.model_dir or ensure_demo_model(ROOT / ".cache" / "demo-models")
+    demo_dir = Path(os.environ.get("DEMO_MODEL_DIR", ROOT / ".cache" / "demo-models"))
+    model_dir = args.model_dir or ensure_demo_model(demo_dir)
     engine = ZImageEngine.load(model_dir, args.device)
     layers = MixedLoraLayers.install(engine.pipe.transformer)
     spec = BatchSpec(args.size, args.size, args.steps, 0.0, "z-image-simple")
@@ -118,14 +123,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             file = source.resolve("l4.safetensors")  # hash remembered by file identity
             warm_cache.get_or_load(file.sha256, lambda: load_lora(file.read(), layers))
 
-        figures = {
-            "plain_batch4_s": median_seconds(plain, args.repeats),
-            "one_lora_batch4_s": median_seconds(one_lora, args.repeats),
-            "mixed_4_loras_batch4_s": median_seconds(mixed, args.repeats),
-            "grouped_4x_batch1_s": median_seconds(grouped, args.repeats),
-            "first_use_s": median_seconds(first_use, args.repeats),
-            "cached_use_s": median_seconds(cached_use, args.repeats),
-        }
+        figures = interleaved_medians({
+            "plain_batch4_s": plain, "one_lora_batch4_s": one_lora, "mixed_4_loras_batch4_s": mixed,
+            "grouped_4x_batch1_s": grouped, "first_use_s": first_use, "cached_use_s": cached_use,
+        }, args.repeats)
     lora_mb = adapters[0].parameters * torch.finfo(engine.dtype).bits / 8 / 2**20
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {args.device}, "
           f"torch threads {torch.get_num_threads()}")

@@ -292,3 +292,37 @@ def test_adapter_cache_is_bounded_by_count_and_reports_hits(layers):
     with pytest.raises(LoraError):
         cache.get_or_load("bad", lambda: load_lora(b"nope", layers))
     assert cache.get_or_load("sha0", loader("sha0"))[1] is True
+
+
+# -- compile -------------------------------------------------------------------------------------
+def test_compiled_blocks_switch_loras_batches_and_cfg_without_recompiling(restore_attention_backend, monkeypatch):
+    """Regional compile as the worker does it (fullgraph, automatic dynamic), traced by dynamo with
+    the eager backend (the recompiles are dynamo's; Inductor would only slow this test down)."""
+    from torch._dynamo.utils import counters
+
+    from pipelines.acceleration import RECOMPILE_LIMIT
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", RECOMPILE_LIMIT)  # as compile_blocks sets it
+    engine = ZImageEngine.load(ensure_demo_model(DEMO_DIR), "cpu")
+    layers = MixedLoraLayers.install(engine.pipe.transformer)
+    first, second, third = (load_lora(peft_file(factors(layers, seed=s, rank=r)), layers) for s, r in ((51, 4), (52, 2), (53, 4)))
+    eager_spec = BatchSpec(64, 64, 1, 2.5, "z-image-simple")
+    items = [ImageItem("a dog", "a cat", seed) for seed in range(3)]
+    late_sets = [[(second, 0.5)], [], [(third, 1.0), (second, -1.0)]]  # other adapters, scales, batch
+    with layers.active(late_sets):
+        eager = engine.generate(items, eager_spec).images
+    engine.pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=None, backend="eager")
+    spec = BatchSpec(64, 64, 1, 0.0, "z-image-simple")
+    engine.generate(items[:1], spec)  # plain at batch 1, then 2: the worker's warm-up
+    engine.generate(items[:2], spec)
+    for warm in ([[(first, 1.0)]], [[(first, 1.0)], []]):  # + the LoRA path the same way, rank bucket 8
+        with layers.active(warm):
+            engine.generate(items[:len(warm)], spec)
+    graphs = counters["stats"]["unique_graphs"]
+    with layers.active(late_sets):
+        compiled = engine.generate(items, eager_spec).images  # batch 3 with CFG: 6 rows
+    with layers.active([[(third, 2.0)]]):
+        engine.generate(items[:1], spec)
+    assert counters["stats"]["unique_graphs"] == graphs
+    for position in range(3):
+        assert_regenerates(compiled[position], eager[position])
