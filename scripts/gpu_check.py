@@ -640,7 +640,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run_full:
             ctx.size = "full"
             phases = (PHASES[0], Phase("dry_run_full", lambda c: dry_run_flops(c, "full", (1, 3, 8), WORKFLOWS,
-                                                                               "dry_run_full"), {"full": 600}))
+                                                                               "dry_run_full"), {"full": 60}))
         else:
             phases = PHASES
         run_phases(ctx, phases, args.budget_s, args.inject_failure)
