@@ -32,7 +32,7 @@ export OUT
 trap 'rm -rf "$TREE" "$SITE"' EXIT
 git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$TREE"
 cp -r .whl "$TREE/.whl"
-COMMAND=$(sed -n '/<!-- device-command -->/,/^```$/p' docs/PERFORMANCE.md | sed '1,2d;$d')
+COMMAND=$(awk '/<!-- device-command -->/ {on = 1; next} on && /^```/ {if (++fence == 2) exit; next} on' docs/PERFORMANCE.md)
 [ -n "$COMMAND" ] || { echo "no device command found in docs/PERFORMANCE.md" >&2; exit 1; }
 echo "device command: ${#COMMAND} characters"
 COMMAND=${COMMAND//--size full/--size small}
