@@ -68,7 +68,7 @@ class Sizes:
 
 SIZES = {
     "full": Sizes(512, 1024, 8, (1, 3, 8), 3, 1024, 20, 8),
-    "small": Sizes(64, 64, 8, (1, 3, 8), 3, 64, 20, 8),
+    "small": Sizes(64, 64, 4, (1, 3, 8), 3, 64, 4, 8),  # the plumbing, not the arithmetic: 4 steps
 }
 # FLUX.1-dev's published sizes (transformer 11.9 B, T5-XXL encoder 4.76 B, CLIP-L text 123 M, its VAE).
 FLUX_DEV = {
@@ -407,14 +407,17 @@ def phase_serving(ctx: Context) -> None:
     from serving.settings import load_settings
     from serving.worker import Worker
 
-    settings = load_settings({"DEMO_MODEL_DIR": str(ctx.work_dir / "unused-demo")})
+    # No storage on that machine: base64 results, JPEG, the largest result limit. Random-weight
+    # images compress badly, and 8 PNGs at 1024² would be refused (payload_too_large) before running.
+    settings = load_settings({"DEMO_MODEL_DIR": str(ctx.work_dir / "unused-demo"), "MAX_RESPONSE_MB": "20"})
     worker = Worker(settings, ctx.engine, None, "not loaded by gpu_check")
     ctx.results.row("serving", "engine_compiled", ctx.engine.acceleration.compiled)
     side = ctx.sizes.side
 
     def job(name: str, prompt: str, count: int, workflow: str, seed: int) -> dict[str, Any]:
         return {"id": name, "input": {"prompt": prompt, "num_images": count, "width": side, "height": side,
-                                      "workflow": workflow, "seed": seed}}
+                                      "workflow": workflow, "seed": seed, "output_format": "jpeg",
+                                      "output_quality": 75}}
 
     async def three(workflow: str) -> list[dict[str, Any]]:
         jobs = [job(f"base-{workflow}-{i}", f"{PROMPT}, take {i}", 1, workflow, 100 + i) for i in range(3)]
@@ -588,7 +591,8 @@ PHASES = (
 )
 
 
-def run_phases(ctx: Context, phases: tuple[Phase, ...], budget_s: float, fail: str | None) -> None:
+def run_phases(ctx: Context, phases: tuple[Phase, ...], budget_s: float, fail: str | None = None,
+               only: set[str] | None = None) -> None:
     started = time.perf_counter()
     results = ctx.results
     for phase in phases:
@@ -597,7 +601,9 @@ def run_phases(ctx: Context, phases: tuple[Phase, ...], budget_s: float, fail: s
         estimate = phase.estimate_s[ctx.size]
         missing = [name for name in phase.needs if results.data["phases"].get(name, {}).get("status") != "ok"]
         reason = None
-        if phase.cuda_only and not ctx.cuda:
+        if only is not None and phase.name not in only:
+            reason = "not selected (--only)"
+        elif phase.cuda_only and not ctx.cuda:
             reason = f"needs CUDA: {phase.cuda_only}"
         elif missing:
             reason = f"needs {', '.join(missing)}, which did not succeed"
@@ -638,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run-full", action="store_true",
                         help="full-size configs on the meta device: shapes at 1024², batches 1, 3, 8, both "
                              "workflows, and FLOPs per image; no GPU, no memory")
+    parser.add_argument("--only", type=lambda text: set(text.split(",")),
+                        help="comma-separated phases to run (a rerun of what failed); the others are skipped")
     parser.add_argument("--inject-failure", help="tests only: PHASE raises, PHASE:exit kills the process")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -654,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                "dry_run_full"), {"full": 60}))
         else:
             phases = PHASES
-        run_phases(ctx, phases, args.budget_s, args.inject_failure)
+        run_phases(ctx, phases, args.budget_s, args.inject_failure, args.only)
     statuses = {name: phase["status"] for name, phase in results.data["phases"].items()}
     print(json.dumps({"json": str(results.path), "wall_s": results.data["wall_s"], "phases": statuses,
                       "summary": results.data["summary"]}, indent=1))

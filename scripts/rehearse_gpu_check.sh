@@ -37,6 +37,15 @@ COMMAND=$(awk '/<!-- device-command -->/ {on = 1; next} on && /^```/ {if (++fenc
 echo "device command: ${#COMMAND} characters"
 COMMAND=${COMMAND//--size full/--size small}
 COMMAND=${COMMAND//\/tmp\/site/$SITE}
+# The command's time limits are sized for the GPU machine's 16 idle cores; on a shared 2-core VM
+# everything takes several times longer: REHEARSAL_TIME_SCALE multiplies `timeout` and `--budget-s`.
+SCALE=${REHEARSAL_TIME_SCALE:-1}
+for option in timeout --budget-s; do
+    if [[ $COMMAND =~ $option\ ([0-9]+) ]]; then
+        COMMAND=${COMMAND/"$option ${BASH_REMATCH[1]}"/"$option $(( BASH_REMATCH[1] * SCALE ))"}
+    fi
+done
+echo "command as rehearsed: $COMMAND"
 echo "OUT=$OUT"
 cd "$TREE"
 started=$(date +%s)
