@@ -615,6 +615,7 @@ def run_phases(ctx: Context, phases: tuple[Phase, ...], budget_s: float, fail: s
             results.save()
             continue
         log.info("phase %s: start (estimated %.0f s, %.0f s left)", phase.name, estimate, left)
+        results.save()  # a kill (the command's timeout) leaves this phase visible as "running"
         begun = time.perf_counter()
         try:
             if fail == phase.name:
