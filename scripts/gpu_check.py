@@ -131,7 +131,7 @@ class Context:
     engine: ZImageEngine | None = None
     consistent: Any = None
     reference: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    flops_per_image: float | None = None
+    flops: dict[str, Any] | None = None  # the counted batch-1 row of the simple workflow (count_flops)
 
     @property
     def cuda(self) -> bool:
@@ -152,11 +152,16 @@ def peak_gib(ctx: Context) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if ctx.cuda else None
 
 
-def mfu(ctx: Context, images: int, seconds: float | None) -> float | None:
-    """Achieved fraction of the H100/H200 dense bf16 peak for `images` whole images in `seconds`."""
-    if not ctx.cuda or not ctx.flops_per_image or not seconds:
+def mfu(ctx: Context, images: int, seconds: float | None, workflow: str = "z-image-simple") -> float | None:
+    """Achieved fraction of the H100/H200 dense bf16 peak for `images` whole images in `seconds`
+    (danrisi's res_2s makes 2·steps − 1 transformer calls where the simple workflow makes steps)."""
+    if not ctx.cuda or not ctx.flops or not seconds:
         return None
-    return round(ctx.flops_per_image * images / seconds / (H100_BF16_TFLOPS * 1e12), 4)
+    counted = ctx.flops
+    calls = counted["steps"] if workflow == "z-image-simple" else 2 * counted["steps"] - 1
+    tflop = counted["text_tflop_per_image"] + counted["decode_tflop_per_image"]
+    tflop += calls * counted["transformer_call_tflop_per_image"]
+    return round(tflop * images / seconds / H100_BF16_TFLOPS, 4)
 
 
 # -- engine start-up (the one place to swap for the lead's prepare_engine) ----------------------
@@ -270,7 +275,7 @@ def dry_run_flops(ctx: Context, size: str, batches: tuple[int, ...], workflows: 
 
     count_flops(engine, batches, sizes.side, sizes.steps, workflows, record)
     simple_one = next(r for r in rows if r["workflow"] == "z-image-simple" and r["batch"] == 1)
-    ctx.flops_per_image = simple_one["image_tflop"] * 1e12
+    ctx.flops = simple_one
     floor = simple_one["image_tflop"] / H100_BF16_TFLOPS
     ctx.results.row(phase, "h100_bf16_floor_s_per_image", float(f"{floor:.3g}"))
     ctx.results.row(phase, "h100_bf16_floor_denoise_s_per_image",
@@ -342,7 +347,7 @@ def _timed(ctx: Context, phase: str, count: int, prompt: str, workflow: str = "z
     sync(ctx)
     seconds = time.perf_counter() - started
     row = {"batch": count, "side": side, "steps": ctx.sizes.steps, "workflow": workflow, "s": round(seconds, 3),
-           "stages_ms": result.timings_ms, "peak_memory_gib": peak_gib(ctx), "mfu": mfu(ctx, count, seconds)}
+           "stages_ms": result.timings_ms, "peak_memory_gib": peak_gib(ctx), "mfu": mfu(ctx, count, seconds, workflow)}
     ctx.results.append(phase, key, row)
     return row
 
@@ -430,10 +435,10 @@ def phase_serving(ctx: Context) -> None:
             jobs = asyncio.run(three(workflow))
             all_s = round(time.perf_counter() - started, 3)
             ctx.results.append("serving", "rows", {"case": "3 concurrent 1-image jobs", "workflow": workflow,
-                                                   "all_images_s": all_s, "mfu": mfu(ctx, 3, all_s), "jobs": jobs})
+                                                   "all_images_s": all_s, "mfu": mfu(ctx, 3, all_s, workflow), "jobs": jobs})
             eight = asyncio.run(_job(worker, job(f"profile-{workflow}", PROMPT, 8, workflow, 7)))
             ctx.results.append("serving", "rows", {"case": "one 8-image job", "workflow": workflow,
-                                                   "mfu": mfu(ctx, 8, eight["all_images_s"]), **eight})
+                                                   "mfu": mfu(ctx, 8, eight["all_images_s"], workflow), **eight})
             delivered = sum(j["images"] for j in jobs) + eight["images"]
             if delivered != 11:
                 raise RuntimeError(f"{workflow}: {delivered} of 11 images delivered: {jobs} {eight}")
@@ -478,11 +483,31 @@ def build_consistent(ctx: Context):
         model.to_empty(device=ctx.device)
         _cheap_init(model)
         model.to(ctx.dtype)
-    clip.text_model.embeddings.position_ids = torch.arange(77, device=ctx.device).unsqueeze(0)  # a buffer
+    for model in (transformer, t5, clip, vae, pulid):  # computed buffers: to_empty left them uninitialised
+        for name, buffer in model.named_buffers():
+            if not name.endswith("position_ids"):
+                raise RuntimeError(f"{type(model).__name__}.{name}: a buffer gpu_check does not know how to fill")
+            buffer.copy_(torch.arange(buffer.shape[-1], device=buffer.device).expand_as(buffer))
     flux = FluxPipeline(scheduler=demo.scheduler, vae=vae, text_encoder=clip, tokenizer=demo.tokenizer,
                         text_encoder_2=t5, tokenizer_2=demo.tokenizer_2, transformer=transformer)
     flux.set_progress_bar_config(disable=True)
     return PuLIDFluxPipeline(flux, pulid.eval(), identity=None)
+
+
+def dry_run_consistent(ctx: Context) -> None:
+    """FLUX.1-dev-sized PuLID-FLUX built on the meta device: the configs construct, PuLID's 20
+    cross-attention layers match the hooked blocks, and the sizes are the published ones."""
+    device = ctx.device
+    ctx.device = "meta"
+    try:
+        pipeline = build_consistent(ctx)
+    finally:
+        ctx.device = device
+    flux = pipeline.flux
+    for name, model in (("transformer", flux.transformer), ("t5", flux.text_encoder_2), ("clip", flux.text_encoder),
+                        ("vae", flux.vae), ("pulid", pipeline.pulid)):
+        ctx.results.row("dry_run_consistent", f"{name}_parameters_b",
+                        round(sum(p.numel() for p in model.parameters()) / 1e9, 3))
 
 
 def phase_consistent(ctx: Context) -> None:
@@ -659,8 +684,9 @@ def main(argv: list[str] | None = None) -> int:
         ctx = Context(args.size, SIZES[args.size], device, serving_dtype(device), results, Path(work))
         if args.dry_run_full:
             ctx.size = "full"
-            phases = (PHASES[0], Phase("dry_run_full", lambda c: dry_run_flops(c, "full", (1, 3, 8), WORKFLOWS,
-                                                                               "dry_run_full"), {"full": 60}))
+            phases = (PHASES[0], Phase("dry_run_consistent", dry_run_consistent, {"full": 30}),
+                      Phase("dry_run_full", lambda c: dry_run_flops(c, "full", (1, 3, 8), WORKFLOWS, "dry_run_full"),
+                            {"full": 60}))
         else:
             phases = PHASES
         run_phases(ctx, phases, args.budget_s, args.inject_failure, args.only)

@@ -72,3 +72,17 @@ def test_results_are_saved_before_a_killed_process_dies(tmp_path):
     assert data["phases"]["flops"] == {"status": "running"}  # what the kill interrupted, visible as such
     assert data["summary"]["gpu"] and data["summary"]["torch"] == torch.__version__
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no staging file behind
+
+
+def test_mfu_counts_the_workflows_transformer_calls(tmp_path):
+    results = gpu_check.Results(tmp_path / "gpu_check.json", {})
+    ctx = gpu_check.Context("full", gpu_check.SIZES["full"], "cuda", torch.bfloat16, results, tmp_path)
+    ctx.flops = {"steps": 8, "text_tflop_per_image": 0.84, "decode_tflop_per_image": 10.47,
+                 "transformer_call_tflop_per_image": 56.58}  # counted at 1024² (docs/PERFORMANCE.md)
+    simple = (0.84 + 10.47 + 8 * 56.58) / 989
+    assert gpu_check.mfu(ctx, 1, simple) == 1.0  # one image at the physical floor: the whole peak
+    assert gpu_check.mfu(ctx, 8, 8 * simple * 2) == 0.5
+    danrisi = (0.84 + 10.47 + 15 * 56.58) / 989
+    assert gpu_check.mfu(ctx, 1, danrisi, "z-image-danrisi") == 1.0
+    ctx.device = "cpu"
+    assert gpu_check.mfu(ctx, 1, simple) is None  # no peak is claimed for a CPU
