@@ -508,6 +508,42 @@ def dry_run_consistent(ctx: Context) -> None:
                         ("vae", flux.vae), ("pulid", pipeline.pulid)):
         ctx.results.row("dry_run_consistent", f"{name}_parameters_b",
                         round(sum(p.numel() for p in model.parameters()) / 1e9, 3))
+    ctx.results.row("dry_run_consistent", "per_image_tflop_1024", consistent_flops(pipeline, 1024))
+
+
+def consistent_flops(pipeline, side: int) -> dict[str, float]:
+    """One 1024² consistent image's stages on the meta device, identity injection on: T5 (512 tokens)
+    and CLIP once, one transformer call per step (guidance is distilled: no CFG), one VAE decode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flux, meta = pipeline.flux, torch.device("meta")
+    config = flux.transformer.config
+    image_tokens, text_tokens = (side // 16) ** 2, 512
+
+    def counted(call: Callable[[], Any]) -> float:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            call()
+        return counter.get_total_flops() / 1e12
+
+    pulid = pipeline.pulid
+    tokens = torch.empty(1, pulid.pulid_encoder.num_queries, pulid.pulid_ca[0].to_kv.in_features, device=meta)
+    with pipeline.injection.run(1.0):
+        pipeline.injection.tokens = tokens
+        step = counted(lambda: flux.transformer(
+            hidden_states=torch.empty(1, image_tokens, config.in_channels, device=meta),
+            encoder_hidden_states=torch.empty(1, text_tokens, config.joint_attention_dim, device=meta),
+            pooled_projections=torch.empty(1, config.pooled_projection_dim, device=meta),
+            timestep=torch.ones(1, device=meta), guidance=torch.full((1,), 4.0, device=meta),
+            img_ids=torch.zeros(image_tokens, 3, device=meta), txt_ids=torch.zeros(text_tokens, 3, device=meta),
+            return_dict=False))
+    text = counted(lambda: flux.text_encoder_2(torch.zeros(1, text_tokens, dtype=torch.long, device=meta)))
+    text += counted(lambda: flux.text_encoder(torch.zeros(1, 77, dtype=torch.long, device=meta)))
+    latent_channels = flux.vae.config.latent_channels
+    decode = counted(lambda: flux.vae.decode(torch.empty(1, latent_channels, side // 8, side // 8, device=meta)))
+    steps = SIZES["full"].consistent_steps
+    image = text + steps * step + decode
+    return {"transformer_call": round(step, 2), "text": round(text, 2), "decode": round(decode, 2),
+            "steps": steps, "image": round(image, 1), "h100_bf16_floor_s": round(image / H100_BF16_TFLOPS, 3)}
 
 
 def phase_consistent(ctx: Context) -> None:
