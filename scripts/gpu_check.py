@@ -413,7 +413,8 @@ def phase_serving(ctx: Context) -> None:
     from serving.worker import Worker
 
     # No storage on that machine: base64 results, JPEG, the largest result limit. Random-weight
-    # images compress badly, and 8 PNGs at 1024² would be refused (payload_too_large) before running.
+    # images compress badly: 8 PNGs of noise at 1024² pass the 10 MB default, and the images past
+    # it would come back as payload_too_large errors instead of being timed.
     settings = load_settings({"DEMO_MODEL_DIR": str(ctx.work_dir / "unused-demo"), "MAX_RESPONSE_MB": "20"})
     worker = Worker(settings, ctx.engine, None, "not loaded by gpu_check")
     ctx.results.row("serving", "engine_compiled", ctx.engine.acceleration.compiled)
@@ -451,7 +452,7 @@ def phase_serving(ctx: Context) -> None:
         worker.encode_pool.shutdown(wait=False)
 
 
-def build_consistent(ctx: Context):
+def build_consistent(ctx: Context) -> Any:
     """PuLID-FLUX beside Z-Image. Full: FLUX.1-dev-sized random weights built on the meta device and
     initialised on the GPU, the published PuLID sizes, the demo bundle's tokenizers and scheduler.
     Small: the demo bundle as the worker loads it. Identity encoding (face detector, EVA) is not
