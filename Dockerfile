@@ -32,10 +32,10 @@ ARG ALLOW_UNPINNED=0
 COPY builder/ builder/
 RUN --mount=type=secret,id=hf_token,required=false \
     HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \
-    python builder/fetch_models.py --target /models \
+    python -m builder.fetch_models --target /models \
         $([ "$WITH_PULID" = 1 ] && echo --with-pulid) \
         $([ "$ALLOW_UNPINNED" = 1 ] && echo --allow-unpinned) \
-    && python builder/to_bf16.py /models/z-image-turbo
+    && python -m builder.to_bf16 /models/z-image-turbo
 
 COPY . .
 

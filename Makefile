@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
-	$(PY) scripts/bench_batching.py
+	$(PY) -m scripts.bench_batching
 
 clean:
 	rm -rf $(VENV) .cache outputs tmp

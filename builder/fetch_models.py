@@ -1,7 +1,7 @@
 """Download the pinned weights into the image at build time, verify them, and pin the manifest.
 
-    python builder/fetch_models.py --target /models [--with-pulid]      # the Dockerfile's step
-    python builder/fetch_models.py --target /tmp/models --pin [--with-pulid]   # a maintainer, once
+    python -m builder.fetch_models --target /models [--with-pulid]      # the Dockerfile's step
+    python -m builder.fetch_models --target /tmp/models --pin [--with-pulid]   # a maintainer, once
 
 Files land at {target}/{model dir}/{source target_dir}/{repo path} (docs/CONSISTENT_MODE.md has
 the PuLID bundle layout), each verified by size and hash: the manifest's, or for a hub source pinned
@@ -24,9 +24,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the Dockerfile
 
-from builder.manifest import (  # noqa: E402
+from builder.manifest import (
     MANIFEST_PATH,
     MODEL_INFO_FILE,
     PIN_HELP,

@@ -21,7 +21,7 @@ MANIFEST_PATH = Path(__file__).resolve().parent / "manifest.json"
 MODEL_INFO_FILE = "model_info.json"  # read by pipelines.z_image.read_model_identity
 UNPINNED = "UNPINNED-run-builder/fetch_models.py--pin"
 PIN_HELP = (
-    "To pin: python builder/fetch_models.py --pin --target /tmp/models [--with-pulid]\n"
+    "To pin: python -m builder.fetch_models --pin --target /tmp/models [--with-pulid]\n"
     "  (resolves each revision to its current commit, downloads, writes the commit and each file's "
     "size and hash into builder/manifest.json; review and commit it).\n"
     "To build anyway from the repos' current main, unverified: add --allow-unpinned "

@@ -1,6 +1,6 @@
 """Store a diffusers folder's transformer in bf16, in place: the precision the worker serves it in.
 
-    python builder/to_bf16.py /models/z-image-turbo     # the Dockerfile's step, after the download
+    python -m builder.to_bf16 /models/z-image-turbo     # the Dockerfile's step, after the download
 
 Z-Image-Turbo's transformer is published in fp32 (3 shards, about 24.6 GB), and on CUDA the worker
 loads it with `dtype=torch.bfloat16`, which casts every tensor anyway. Casting once at build time
@@ -30,9 +30,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from the Dockerfile
 
-from builder.manifest import MODEL_INFO_FILE, file_digest  # noqa: E402
+from builder.manifest import MODEL_INFO_FILE, file_digest
 
 COMPONENT = "transformer"
 SINGLE_FILE = "diffusion_pytorch_model.safetensors"

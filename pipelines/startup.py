@@ -81,16 +81,11 @@ def place_text_encoder(engine: ZImageEngine, choice: str, free_bytes: int | None
                                             f"one image needs {needed / 2**30:.1f} GiB")
 
 
-def prepare_engine(
-    model_dir: Path, device: str, plan: AccelerationPlan, *, prompt_cache_size: int = 256,
-    max_batch: Callable[[ZImageEngine], int] = lambda engine: 2, warmup_size: int = WARMUP_SIZE,
-) -> ZImageEngine:
-    """A served engine from a diffusers folder. Load other models first: `auto` text-encoder
-    placement and `max_batch(engine)` read the GPU memory that is left. Each phase's time is kept
-    in `engine.startup_ms` (capabilities and the GPU check report it)."""
-    started = time.perf_counter()
-    engine = ZImageEngine.load(model_dir, device, prompt_cache_size)
-    phases = {"load": (time.perf_counter() - started) * 1000}
+def start_engine(engine: ZImageEngine, plan: AccelerationPlan, *, max_batch: Callable[[ZImageEngine], int],
+                 warmup_size: int = WARMUP_SIZE) -> dict[str, float]:
+    """Everything after the load: speed switches → text encoder placement → warm-up → compile
+    cache saved. Returns each phase's ms (the GPU check starts engines built in memory with it)."""
+    phases: dict[str, float] = {}
     mark = time.perf_counter()
     cuda = engine.device.type == "cuda"
     engine.acceleration = accelerate_transformer(
@@ -103,6 +98,20 @@ def prepare_engine(
         engine.acceleration.warmup_ms = warm_up(engine, warmup_size, warmup_size, max_batch(engine))
         save_compile_cache(plan.compile_cache_dir if engine.acceleration.compiled else None)
         phases["warm_up"] = (time.perf_counter() - mark) * 1000
+    return phases
+
+
+def prepare_engine(
+    model_dir: Path, device: str, plan: AccelerationPlan, *, prompt_cache_size: int = 256,
+    max_batch: Callable[[ZImageEngine], int] = lambda engine: 2, warmup_size: int = WARMUP_SIZE,
+) -> ZImageEngine:
+    """A served engine from a diffusers folder. Load other models first: `auto` text-encoder
+    placement and `max_batch(engine)` read the GPU memory that is left. Each phase's time is kept
+    in `engine.startup_ms` (capabilities and the GPU check report it)."""
+    started = time.perf_counter()
+    engine = ZImageEngine.load(model_dir, device, prompt_cache_size)
+    phases = {"load": (time.perf_counter() - started) * 1000}
+    phases |= start_engine(engine, plan, max_batch=max_batch, warmup_size=warmup_size)
     engine.startup_ms = {phase: round(ms, 1) for phase, ms in phases.items()}
     return engine
 

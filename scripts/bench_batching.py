@@ -1,7 +1,7 @@
 """Benchmark the batching engine in-process, on this machine, with the loaded model.
 
-    .venv/bin/python scripts/bench_batching.py                  # 512x512, 8 steps, 9 repetitions (~1 min on 2 cores)
-    .venv/bin/python scripts/bench_batching.py --size 256 --steps 4 --repeats 3
+    .venv/bin/python -m scripts.bench_batching                  # 512x512, 8 steps, 9 repetitions (~1 min on 2 cores)
+    .venv/bin/python -m scripts.bench_batching --size 256 --steps 4 --repeats 3
 
 Jobs run through `handler.handler(job)` (the async generator RunPod calls), several at once with
 asyncio.gather on one event loop, as the SDK does with concurrency_modifier > 1. Measured, as the
@@ -34,8 +34,6 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RUNPOD_LOG_LEVEL", "WARNING")
 
 PROMPT = "a lighthouse on a cliff at dusk"

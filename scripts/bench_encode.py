@@ -7,7 +7,7 @@ Each row is the worker's own encoder (`serving.outputs.encode_image`) unless mar
 Time is reported as CPU time of the process (what one encode costs, steady on a shared machine)
 and as wall time (what it took here, inflated when other processes hold the cores).
 
-    PYTHONPATH=. python scripts/bench_encode.py [--repeats 5] [--size 1024]
+    python -m scripts.bench_encode [--repeats 5] [--size 1024]
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ model is built on the meta device (no memory, instant), materialised on the targ
 cheap init, saved once as safetensors to a temp dir, then loaded by the very `ZImageEngine.load`
 the worker uses (cold-load time) and accelerated by the same `pipelines.acceleration` code.
 
-    python scripts/bench_gpu.py --size full --fp8 off   # on an H100 (docs/PERFORMANCE.md)
-    python scripts/bench_gpu.py                          # small config, CPU, < 60 s
+    python -m scripts.bench_gpu --size full --fp8 off   # on an H100 (docs/PERFORMANCE.md)
+    python -m scripts.bench_gpu                          # small config, CPU, < 60 s
 
 Writes tmp/bench_gpu/<timestamp>.json and prints a table. Image quality is meaningless here.
 """
@@ -18,7 +18,6 @@ import dataclasses
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,13 +26,12 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from models.z_image_demo import MODEL_INFO_FILE, build_tokenizer, z_image_scheduler, z_image_vae  # noqa: E402
-from pipelines.startup import prepare_engine  # noqa: E402
-from pipelines.z_image import ZImageEngine, serving_dtype  # noqa: E402
-from serving.settings import load_settings  # noqa: E402
-from serving.startup import acceleration_plan  # noqa: E402
+from models.z_image_demo import MODEL_INFO_FILE, build_tokenizer, z_image_scheduler, z_image_vae
+from pipelines.startup import prepare_engine
+from pipelines.z_image import ZImageEngine, serving_dtype
+from serving.settings import load_settings
+from serving.startup import acceleration_plan
 
 # A prompt whose chat-templated byte-level tokens pad to 128, the caption length of the FLOP anchor.
 PROMPT = "a portrait photo of a woman in a red wool coat on a rainy city street at dusk, 85mm, soft light"

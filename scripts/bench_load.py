@@ -1,7 +1,7 @@
 """Cold-start load time of the same model stored in fp32 and in bf16 (builder/to_bf16.py), on CPU.
 
-    .venv/bin/python scripts/bench_load.py                     # the demo model, 5 loads of each
-    .venv/bin/python scripts/bench_load.py --dim 1024 --layers 6 --repeats 3   # a wider random transformer
+    .venv/bin/python -m scripts.bench_load                     # the demo model, 5 loads of each
+    .venv/bin/python -m scripts.bench_load --dim 1024 --layers 6 --repeats 3   # a wider random transformer
 
 Builds the demo model (models/z_image_demo.py) into a temp folder, copies it and converts the copy
 to bf16, then loads each folder alternately with the worker's loader (`ZImageEngine.load`, float32
@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def build(folder: Path, dim: int | None, layers: int) -> Path:

@@ -1,7 +1,7 @@
 """Benchmark per-image LoRA on the loaded engine (the demo model unless --model-dir), in one run.
 
-    .venv/bin/python scripts/bench_lora.py                       # 256x256, 4 steps, rank 16, 5 rounds
-    .venv/bin/python scripts/bench_lora.py --size 512 --steps 8 --rank 32 --model-dir /models/z-image
+    .venv/bin/python -m scripts.bench_lora                       # 256x256, 4 steps, rank 16, 5 rounds
+    .venv/bin/python -m scripts.bench_lora --size 512 --steps 8 --rank 32 --model-dir /models/z-image
 
 Measured as the median over --repeats rounds (variants interleaved, after one unrecorded round),
 each as a ratio in this run:
@@ -22,14 +22,11 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 import torch
 from safetensors.torch import save

@@ -7,9 +7,9 @@ attention, compile and FP8 decisions) go to `<out>/gpu_check.log`. `--budget-s` 
 estimated cost no longer fits, and says so. Weights are random (speed depends on shapes, not
 values): built on the meta device and materialised on the target device, never on the CPU.
 
-    python scripts/gpu_check.py --size full --budget-s 500      # the GPU run (docs/PERFORMANCE.md)
-    python scripts/gpu_check.py --size small                     # CPU rehearsal, tiny configs
-    python scripts/gpu_check.py --dry-run-full                   # full-size shapes and FLOPs on meta
+    python -m scripts.gpu_check --size full --budget-s 500      # the GPU run (docs/PERFORMANCE.md)
+    python -m scripts.gpu_check --size small                     # CPU rehearsal, tiny configs
+    python -m scripts.gpu_check --dry-run-full                   # full-size shapes and FLOPs on meta
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pipelines.acceleration import AccelerationPlan, compile_blocks, fp8_target_names, torchao_float8
+from pipelines.engine import ImageItem, ModelIdentity
+from pipelines.startup import start_engine as start_served_engine
+from pipelines.startup import warm_up
+from pipelines.z_image import ACTIVATION_BYTES_PER_MEGAPIXEL, BatchSpec, ZImageEngine, serving_dtype
+from scripts.bench_gpu import PROMPT, build_random_pipeline
 
-from pipelines.acceleration import (  # noqa: E402
-    AccelerationPlan, accelerate, compile_blocks, fp8_target_names, torchao_float8, warm_up,
-)
-from pipelines.z_image import BatchSpec, ImageItem, ModelIdentity, ZImageEngine, serving_dtype  # noqa: E402
-from scripts.bench_gpu import PROMPT, build_random_pipeline  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 log = logging.getLogger("gpu_check")
 
@@ -154,11 +154,11 @@ def peak_gib(ctx: Context) -> float | None:
 
 def mfu(ctx: Context, images: int, seconds: float | None, workflow: str = "z-image-simple") -> float | None:
     """Achieved fraction of the H100/H200 dense bf16 peak for `images` whole images in `seconds`
-    (danrisi's res_2s makes 2·steps − 1 transformer calls where the simple workflow makes steps)."""
+    (danrisi makes 2·steps + 1 transformer calls where the simple workflow makes steps)."""
     if not ctx.cuda or not ctx.flops or not seconds:
         return None
     counted = ctx.flops
-    calls = counted["steps"] if workflow == "z-image-simple" else 2 * counted["steps"] - 1
+    calls = counted["steps"] if workflow == "z-image-simple" else 2 * counted["steps"] + 1
     tflop = counted["text_tflop_per_image"] + counted["decode_tflop_per_image"]
     tflop += calls * counted["transformer_call_tflop_per_image"]
     return round(tflop * images / seconds / H100_BF16_TFLOPS, 4)
@@ -173,12 +173,11 @@ def build_engine(size: str, device: str) -> ZImageEngine:
 
 
 def start_engine(engine: ZImageEngine, plan: AccelerationPlan, side: int, max_batch: int) -> dict[str, Any]:
-    """What a worker does before its first job: the plan's switches, then the warm-up at `side`."""
-    started = time.perf_counter()
-    engine.acceleration = accelerate(engine, plan)
-    accelerated = time.perf_counter() - started
-    engine.acceleration.warmup_ms = warm_up(engine, side, side, max_batch)
-    return {"accelerate_s": round(accelerated, 2), "warmup_s": round(time.perf_counter() - started, 2),
+    """What a worker does before its first job (pipelines.startup.start_engine, the worker's own
+    sequence): the plan's switches, then the warm-up at `side`."""
+    phases = start_served_engine(engine, plan, max_batch=lambda _: max_batch, warmup_size=side)
+    return {"accelerate_s": round(phases["acceleration"] / 1000, 2),
+            "warmup_s": round(phases.get("warm_up", 0.0) / 1000, 2),
             "acceleration": dataclasses.asdict(engine.acceleration)}
 
 
@@ -241,9 +240,9 @@ def count_flops(engine: ZImageEngine, batches: tuple[int, ...], side: int, steps
             text_flops = counter.get_total_flops()
             text = list(hidden.to(engine.dtype).unbind(0))
             noise = torch.empty(batch, pipe.transformer.in_channels, latent, latent, device="meta")
-            spec = BatchSpec(side, side, steps, 0.0, workflow)
+            spec = BatchSpec(side, side, steps, 0.0, workflow, 0.5 if workflow == "z-image-danrisi" else None)
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                latents = engine.denoise(noise, text, None, spec, lambda: False)
+                latents = engine.denoise(noise, text, None, spec, lambda: False, list(range(batch)))
             denoise_flops = counter.get_total_flops()
             vae = pipe.vae
             with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -251,7 +250,7 @@ def count_flops(engine: ZImageEngine, batches: tuple[int, ...], side: int, steps
                                     return_dict=False)[0]
             decode_flops = counter.get_total_flops()
             assert tuple(pixels.shape) == (batch, 3, side, side), pixels.shape
-            calls = steps if workflow == "z-image-simple" else 2 * steps - 1
+            calls = steps if workflow == "z-image-simple" else 2 * steps + 1
 
             def tflop(flops: float, batch: int = batch) -> float:
                 return float(f"{flops / batch / 1e12:.4g}")  # per image, 4 significant digits
@@ -329,8 +328,8 @@ def phase_correctness(ctx: Context) -> None:
 def phase_attention(ctx: Context) -> None:
     """The serving attention selection (probed at real shapes by the next generation), then the
     engine again against diffusers' images from before it."""
-    report = accelerate(ctx.engine, AccelerationPlan(attention="auto" if ctx.cuda else "native"))
-    ctx.engine.acceleration = report
+    start_engine(ctx.engine, AccelerationPlan(attention="auto" if ctx.cuda else "native"), ctx.sizes.side, 1)
+    report = ctx.engine.acceleration
     ctx.results.row("attention", "selected", {"attention": report.attention, "masked": report.attention_masked,
                                               "notes": report.notes})
     _engine_vs_diffusers(ctx, "attention", remember=False)
@@ -343,7 +342,8 @@ def _timed(ctx: Context, phase: str, count: int, prompt: str, workflow: str = "z
     sync(ctx)
     started = time.perf_counter()
     items = [ImageItem(prompt, "", seed) for seed in range(count)]
-    result = ctx.engine.generate(items, BatchSpec(side, side, ctx.sizes.steps, 0.0, workflow))
+    eta = 0.5 if workflow == "z-image-danrisi" else None
+    result = ctx.engine.generate(items, BatchSpec(side, side, ctx.sizes.steps, 0.0, workflow, eta))
     sync(ctx)
     seconds = time.perf_counter() - started
     row = {"batch": count, "side": side, "steps": ctx.sizes.steps, "workflow": workflow, "s": round(seconds, 3),
@@ -410,13 +410,14 @@ def phase_serving(ctx: Context) -> None:
     """A `Worker` around the engine as it stands (compiled when the compiled phase ran), jobs
     through `run_job`: 3 concurrent 1-image jobs, then one 8-image job, for each workflow."""
     from serving.settings import load_settings
+    from serving.startup import LoadedEngines
     from serving.worker import Worker
 
     # No storage on that machine: base64 results, JPEG, the largest result limit. Random-weight
     # images compress badly: 8 PNGs of noise at 1024² pass the 10 MB default, and the images past
     # it would come back as payload_too_large errors instead of being timed.
     settings = load_settings({"DEMO_MODEL_DIR": str(ctx.work_dir / "unused-demo"), "MAX_RESPONSE_MB": "20"})
-    worker = Worker(settings, ctx.engine, None, "not loaded by gpu_check")
+    worker = Worker(settings, LoadedEngines(ctx.engine, None, "not loaded by gpu_check"))
     ctx.results.row("serving", "engine_compiled", ctx.engine.acceleration.compiled)
     side = ctx.sizes.side
 
@@ -565,13 +566,78 @@ def phase_consistent(ctx: Context) -> None:
     reset_peak(ctx)
     sync(ctx)
     started = time.perf_counter()
-    images = ctx.consistent.generate(prompts, list(range(count)), side, side, sizes.consistent_steps, 4.0, identity)
+    images = ctx.consistent.render(prompts, list(range(count)), side, side, sizes.consistent_steps, 4.0, identity)
     sync(ctx)
     seconds = round(time.perf_counter() - started, 2)
     assert len(images) == count and images[0].shape == (side, side, 3)
     ctx.results.row("consistent", "eight_images", {"images": count, "side": side, "steps": sizes.consistent_steps,
                                                    "s": seconds, "peak_memory_gib": peak_gib(ctx)})
     ctx.results.summarise(consistent_eight_images_s=seconds, consistent_peak_memory_gib=peak_gib(ctx))
+
+
+def phase_consistent_compiled(ctx: Context) -> None:
+    """Consistent mode with the fast mode's start-up (regional compile of the FLUX blocks, identity
+    hooks inside, warm-up at batch 1 and 2): the same 8 images again, against the 30 s goal."""
+    from pipelines.identity import IdentityEmbedding
+    from pipelines.startup import prepare_pulid
+
+    sizes, pipeline = ctx.sizes, ctx.consistent
+    side, count = sizes.consistent_side, sizes.consistent_images
+    plan = AccelerationPlan(compile=True, compile_cache_dir=ctx.work_dir / "compile-cache-flux", warmup=True)
+    started = time.perf_counter()
+    prepare_pulid(pipeline, plan, max_batch=2, warmup_size=side)
+    ctx.results.row("consistent_compiled", "warmup_s", round(time.perf_counter() - started, 2))
+    ctx.results.row("consistent_compiled", "acceleration", dataclasses.asdict(pipeline.acceleration))
+    pulid = pipeline.pulid
+    shape = (1, pulid.pulid_encoder.num_queries, pulid.pulid_ca[0].to_kv.in_features)
+    identity = IdentityEmbedding(tokens=torch.randn(shape, device=ctx.device, dtype=ctx.dtype), bbox=(0, 0, 1, 1))
+    prompts = [f"{PROMPT}, profile picture {i}" for i in range(count)]
+    reset_peak(ctx)
+    sync(ctx)
+    started = time.perf_counter()
+    pipeline.render(prompts, list(range(count)), side, side, sizes.consistent_steps, 4.0, identity, 1.0, 4)
+    sync(ctx)
+    seconds = round(time.perf_counter() - started, 2)
+    ctx.results.row("consistent_compiled", "eight_images", {"s": seconds, "peak_memory_gib": peak_gib(ctx),
+                                                            "still_compiled": pipeline.acceleration.compiled})
+    ctx.results.summarise(consistent_eight_images_compiled_s=seconds)
+
+
+def random_lora(engine: ZImageEngine, seed: int, rank: int = 32):
+    """A LoRA of a real character LoRA's shape (rank 32 on every hooked layer), random values."""
+    from pipelines.lora import LoraAdapter
+
+    generator = torch.Generator(engine.device).manual_seed(seed)
+    factors = {name: (torch.randn(rank, layer.in_features, generator=generator, device=engine.device,
+                                  dtype=engine.dtype) * 0.01,
+                      torch.randn(layer.out_features, rank, generator=generator, device=engine.device,
+                                  dtype=engine.dtype) * 0.01)
+               for name, layer in engine.lora_layers.targets.items()}
+    return LoraAdapter(f"{seed:064x}", "gpu-check", factors)
+
+
+def phase_lora(ctx: Context) -> None:
+    """Per-request LoRA on the engine as it stands: one LoRA vs none (batch 4), and 4 images with 4
+    different LoRAs in one batch vs one batch per LoRA; graphs compiled by the switches."""
+    engine, side, steps = ctx.engine, ctx.sizes.side, ctx.sizes.steps
+    adapters = [random_lora(engine, seed) for seed in range(4)]
+    spec = BatchSpec(side, side, steps, 0.0, "z-image-simple")
+
+    def timed(per_image: list[tuple]) -> float:
+        items = [ImageItem(f"{PROMPT} {i}", "", i, loras) for i, loras in enumerate(per_image)]
+        sync(ctx)
+        started = time.perf_counter()
+        engine.generate(items, spec)
+        sync(ctx)
+        return round(time.perf_counter() - started, 3)
+
+    graphs = unique_graphs()
+    timed([((adapters[0], 1.0),)] * 4)  # the first LoRA shape: untimed
+    rows = {"plain_batch4_s": timed([()] * 4), "one_lora_batch4_s": timed([((adapters[0], 1.0),)] * 4),
+            "four_loras_one_batch_s": timed([((a, 1.0),) for a in adapters]),
+            "four_loras_four_batches_s": round(sum(timed([((a, 1.0),)]) for a in adapters), 3),
+            "graphs_added": unique_graphs() - graphs}
+    ctx.results.row("lora", "rows", rows)
 
 
 def phase_fp8(ctx: Context) -> None:
@@ -581,11 +647,11 @@ def phase_fp8(ctx: Context) -> None:
     for module in transformer.modules():  # back to eager blocks: FP8 swaps the Linear weights under them
         module._compiled_call_impl = None
     torch._dynamo.reset()
-    names = fp8_target_names(transformer, 4)
+    names = fp8_target_names(transformer, ctx.engine.fp8_blocks, 4)
     ctx.results.row("fp8", "guard", "set aside: random weights, speed only (FP8_MIN_PSNR_DB not applied)")
     started = time.perf_counter()
     torchao_float8(transformer, set(names))
-    ctx.engine.acceleration.fp8 = True
+    ctx.engine.acceleration.fp8, ctx.engine.acceleration.fp8_layers = True, len(names)
     ctx.results.row("fp8", "layers_converted", len(names))
     ctx.results.row("fp8", "quantize_s", round(time.perf_counter() - started, 2))
     _timed(ctx, "fp8", 1, f"{PROMPT} warm", key="untimed_rows")
@@ -607,8 +673,6 @@ def phase_fp8_compiled(ctx: Context) -> None:
 def phase_memory(ctx: Context) -> None:
     """Peak memory per batch size (from the timed rows, the counter reset before each) and the
     activation constant the batch limit divides free memory by, recalibrated from them."""
-    from serving.worker import ACTIVATION_BYTES_PER_MEGAPIXEL
-
     phases = ctx.results.data["phases"]
     weights = phases.get("build", {}).get("weights_gib")
     per_batch: dict[str, dict[int, float]] = {}
@@ -645,7 +709,10 @@ PHASES = (
     Phase("compiled", phase_compiled, {"full": 200, "small": 60}, ("build",),
           "regional compile is a CUDA switch (AccelerationPlan); CPU Inductor is tested in tests/pipelines"),
     Phase("serving", phase_serving, {"full": 50, "small": 8}, ("build",)),
+    Phase("lora", phase_lora, {"full": 30, "small": 6}, ("build",)),
     Phase("consistent", phase_consistent, {"full": 70, "small": 8}),
+    Phase("consistent_compiled", phase_consistent_compiled, {"full": 120, "small": 60}, ("consistent",),
+          "regional compile is a CUDA switch; CPU Inductor is tested in tests/pipelines/test_startup.py"),
     Phase("fp8", phase_fp8, {"full": 30, "small": 2}, ("build",), "float8 matmuls need a CUDA GPU with SM >= 8.9"),
     Phase("fp8_compiled", phase_fp8_compiled, {"full": 150, "small": 60}, ("fp8",),
           "float8 matmuls need a CUDA GPU with SM >= 8.9"),

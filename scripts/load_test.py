@@ -9,14 +9,12 @@ import json
 import os
 import sys
 from contextlib import ExitStack
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root
 
-from benchmark.client import EndpointClient  # noqa: E402
-from benchmark.load import LoadPlan, LoadReport, run_load  # noqa: E402
-from endpoint.background import BackgroundEndpoint  # noqa: E402
-from endpoint.loader import DEFAULT_HANDLER, load_handler  # noqa: E402
+from benchmark.client import EndpointClient
+from benchmark.load import LoadPlan, LoadReport, run_load
+from endpoint.background import BackgroundEndpoint
+from endpoint.loader import DEFAULT_HANDLER, load_handler
 
 
 async def _run(base_url: str, api_key: str | None, plan: LoadPlan) -> LoadReport:

@@ -6,15 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: handler.py, endpoint/
 
-from endpoint.app import ServerSettings  # noqa: E402
-from endpoint.loader import DEFAULT_HANDLER, load_handler  # noqa: E402
-from endpoint.server import API_KEY_ENV, dev_settings, serve  # noqa: E402
-from endpoint.webhook import WebhookPolicy  # noqa: E402
+from endpoint.app import ServerSettings
+from endpoint.loader import DEFAULT_HANDLER, load_handler
+from endpoint.server import API_KEY_ENV, dev_settings, serve
+from endpoint.webhook import WebhookPolicy
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -14,8 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from endpoint.app import ServerSettings
+from endpoint.background import BackgroundEndpoint
+from endpoint.loader import LoadedHandler, load_handler
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 SMALL = {"width": 64, "height": 64, "steps": 2, "output_format": "png"}  # lossless: tests compare pixels
 
@@ -66,9 +68,6 @@ def assert_differs(a: np.ndarray, b: np.ndarray) -> None:
 
 
 # -- the local endpoint ------------------------------------------------------------------------
-from endpoint.app import ServerSettings
-from endpoint.background import BackgroundEndpoint
-from endpoint.loader import LoadedHandler, load_handler
 
 FAKE_WORKER = "tests.endpoint.fake_worker:handler"
 API_KEY = "test-key"

@@ -52,12 +52,12 @@ def test_the_image_installs_the_pinned_torch_for_the_cuda_its_base_and_hosts_hav
 
 
 def test_weights_are_fetched_before_the_worker_goes_offline() -> None:
-    fetch = INSTRUCTIONS[position("builder/fetch_models.py")]
+    fetch = INSTRUCTIONS[position("-m builder.fetch_models")]
     assert "--target /models" in fetch and "--mount=type=secret,id=hf_token" in fetch
     # bf16 in the same RUN: a later layer can't shrink an earlier one, so the fp32 shards never land in one
-    assert fetch.endswith(f"&& python builder/to_bf16.py {dockerfile_env()['MODEL_DIR']}")
-    assert position("builder/fetch_models.py") < position("HF_HUB_OFFLINE=1")
-    assert position("COPY builder/") < position("builder/fetch_models.py") < position("COPY . .")
+    assert fetch.endswith(f"&& python -m builder.to_bf16 {dockerfile_env()['MODEL_DIR']}")
+    assert position("-m builder.fetch_models") < position("HF_HUB_OFFLINE=1")
+    assert position("COPY builder/") < position("-m builder.fetch_models") < position("COPY . .")
 
 
 def test_the_image_env_points_at_the_fetched_folders_and_loads() -> None:

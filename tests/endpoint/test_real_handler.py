@@ -5,7 +5,7 @@ import (`handler_module`); the endpoint's loader imports `handler` by name and g
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -194,9 +194,7 @@ def test_smoke_benchmark_against_the_real_handler(
 
 
 def test_load_test_script_against_the_real_handler(handler_module: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
-    load_test = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load_test)
+    load_test = importlib.import_module("scripts.load_test")
     # 12 jobs, 4 in flight: jobs 3, 7, 11 have bad inputs, 4 and 9 are cancelled, 7 are good.
     rc = load_test.main(["--jobs", "12", "--concurrency", "4", "--bad-every", "4", "--cancel-every", "5"])
     out = capsys.readouterr().out

@@ -13,17 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root
 
-import torch  # noqa: E402
-from torch._dynamo.utils import counters  # noqa: E402
+import torch
+from torch._dynamo.utils import counters
 
-from models.z_image_demo import ensure_demo_model  # noqa: E402
-from pipelines.acceleration import MEGA_CACHE_FILE, AccelerationPlan, save_compile_cache  # noqa: E402
-from pipelines.lora import LoraAdapter  # noqa: E402
-from pipelines.startup import prepare_engine  # noqa: E402
-from pipelines.z_image import ZImageEngine  # noqa: E402
-from serving.settings import REPO_ROOT  # noqa: E402
+from models.z_image_demo import ensure_demo_model
+from pipelines.acceleration import MEGA_CACHE_FILE, AccelerationPlan, save_compile_cache
+from pipelines.lora import LoraAdapter
+from pipelines.startup import prepare_engine
+from pipelines.z_image import ZImageEngine
+from serving.settings import REPO_ROOT
 
 WARMUP_SIDE, WARMUP_MAX_BATCH = 64, 4
 # (batch size, prompt, width, height, LoRA): batch sizes, caption lengths, sizes and LoRAs (other

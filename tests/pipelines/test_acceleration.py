@@ -25,7 +25,7 @@ from pipelines.startup import place_text_encoder, prepare_engine, render_guard, 
 from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
 from serving.startup import acceleration_plan
-from tests.conftest import assert_regenerates
+from tests.conftest import ROOT, assert_regenerates
 
 
 pytestmark = pytest.mark.usefixtures("restore_attention_backend")
@@ -158,7 +158,7 @@ def test_reselection_replaces_the_previous_routing(transformer):
 # -- compile ---------------------------------------------------------------------------------------
 def _compiled_generation(cache_dir: Path) -> dict:
     """tests/pipelines/compiled_generation.py in a fresh interpreter: Inductor compiles on CPU too."""
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("compiled_generation.py")), str(cache_dir)],
+    done = subprocess.run([sys.executable, "-m", "tests.pipelines.compiled_generation", str(cache_dir)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 
 from tests.conftest import ROOT
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("bench_batching", ROOT / "scripts" / "bench_batching.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = importlib.import_module("scripts.bench_batching")
     return module
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 from tests.conftest import ROOT
 
 
 def test_tiny_run_reports_every_figure(capsys):
-    spec = importlib.util.spec_from_file_location("bench_lora", ROOT / "scripts" / "bench_lora.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = importlib.import_module("scripts.bench_lora")
     report = bench.main(["--size", "64", "--steps", "1", "--rank", "4", "--repeats", "1", "--device", "cpu"])
     assert set(report) >= {"plain_batch4_s", "one_lora_batch4_s", "mixed_4_loras_batch4_s", "grouped_4x_batch1_s",
                            "first_use_s", "cached_use_s", "first use / cached"}

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _run(out: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
     env = {**os.environ, "OUT": str(out)}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--size", "small", *args],
+    done = subprocess.run([sys.executable, "-m", "scripts.gpu_check", "--size", "small", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
     return done, json.loads((out / "gpu_check.json").read_text())
 
