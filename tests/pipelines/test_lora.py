@@ -215,18 +215,21 @@ def two_adapters(layers):
     return load_lora(kohya_file(factors(layers, seed=11)), layers), load_lora(peft_file(factors(layers, seed=12, rank=6)), layers)
 
 
+def with_loras(items: list[ImageItem], sets) -> list[ImageItem]:
+    """Each item carrying its own (adapter, scale) pairs, as the worker sends them."""
+    return [ImageItem(item.prompt, item.negative_prompt, item.seed, tuple(pairs)) for item, pairs in zip(items, sets)]
+
+
 @pytest.mark.parametrize("guidance", [0.0, 2.5])
 def test_mixed_batch_images_equal_their_solo_runs(engine, layers, two_adapters, guidance):
     first, second = two_adapters
     spec = BatchSpec(64, 64, 2, guidance, "z-image-simple")
     items = [ImageItem("a dog", "a cat", seed) for seed in (1, 2, 3, 4)]
     sets = [[(first, 1.0)], [(second, 0.7)], [], [(first, 0.5), (second, -1.0)]]
-    with layers.active(sets):
-        batch = engine.generate(items, spec).images
+    batch = engine.generate(with_loras(items, sets), spec).images
     plain = engine.generate(items, spec).images
     for position, (item, adapters) in enumerate(zip(items, sets)):
-        with layers.active([adapters]):
-            alone = engine.generate([item], spec).images[0]
+        alone = engine.generate(with_loras([item], [adapters]), spec).images[0]
         assert_regenerates(batch[position], alone)
         if adapters:  # the LoRA really changes the image (else this test could not fail)
             assert np.abs(alone.astype(int) - plain[position].astype(int)).max() > 10
@@ -237,18 +240,17 @@ def test_mixed_batch_images_equal_their_solo_runs(engine, layers, two_adapters, 
 def test_plain_run_after_lora_runs_equals_one_before(engine, layers, two_adapters):
     items = [ImageItem("a dog", "", 21), ImageItem("a dog", "", 22)]
     before = engine.generate(items, SPEC).images
-    with layers.active([[(two_adapters[0], 1.0)], [(two_adapters[1], 1.0)]]):
-        engine.generate(items, SPEC)
+    engine.generate(with_loras(items, [[(two_adapters[0], 1.0)], [(two_adapters[1], 1.0)]]), SPEC)
     assert np.array_equal(engine.generate(items, SPEC).images, before)
 
 
 def test_scale_zero_equals_no_lora(engine, layers, two_adapters):
     items = [ImageItem("a dog", "", 31), ImageItem("a dog", "", 32)]
     plain = engine.generate(items, SPEC).images
-    with layers.active([[(two_adapters[0], 0.0)], [(two_adapters[1], 0.0)]]):
-        assert np.array_equal(engine.generate(items, SPEC).images, plain)
-    with layers.active([[(two_adapters[0], 1.0)], [(two_adapters[1], 0.0)]]):  # zero next to a live LoRA
-        assert_regenerates(engine.generate(items, SPEC).images[1], plain[1])
+    zero = with_loras(items, [[(two_adapters[0], 0.0)], [(two_adapters[1], 0.0)]])
+    assert np.array_equal(engine.generate(zero, SPEC).images, plain)
+    beside_a_live_one = with_loras(items, [[(two_adapters[0], 1.0)], [(two_adapters[1], 0.0)]])
+    assert_regenerates(engine.generate(beside_a_live_one, SPEC).images[1], plain[1])
 
 
 def test_lora_delta_equals_merged_weights(engine, layers, two_adapters):
@@ -304,25 +306,21 @@ def test_compiled_blocks_switch_loras_batches_and_cfg_without_recompiling(restor
 
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", RECOMPILE_LIMIT)  # as compile_blocks sets it
     engine = ZImageEngine.load(ensure_demo_model(DEMO_DIR), "cpu")
-    layers = MixedLoraLayers.install(engine.pipe.transformer)
+    layers = engine.lora_layers
     first, second, third = (load_lora(peft_file(factors(layers, seed=s, rank=r)), layers) for s, r in ((51, 4), (52, 2), (53, 4)))
     eager_spec = BatchSpec(64, 64, 1, 2.5, "z-image-simple")
     items = [ImageItem("a dog", "a cat", seed) for seed in range(3)]
     late_sets = [[(second, 0.5)], [], [(third, 1.0), (second, -1.0)]]  # other adapters, scales, batch
-    with layers.active(late_sets):
-        eager = engine.generate(items, eager_spec).images
+    eager = engine.generate(with_loras(items, late_sets), eager_spec).images
     engine.pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=None, backend="eager")
     spec = BatchSpec(64, 64, 1, 0.0, "z-image-simple")
     engine.generate(items[:1], spec)  # plain at batch 1, then 2: the worker's warm-up
     engine.generate(items[:2], spec)
     for warm in ([[(first, 1.0)]], [[(first, 1.0)], []]):  # + the LoRA path the same way, rank bucket 8
-        with layers.active(warm):
-            engine.generate(items[:len(warm)], spec)
+        engine.generate(with_loras(items[:len(warm)], warm), spec)
     graphs = counters["stats"]["unique_graphs"]
-    with layers.active(late_sets):
-        compiled = engine.generate(items, eager_spec).images  # batch 3 with CFG: 6 rows
-    with layers.active([[(third, 2.0)]]):
-        engine.generate(items[:1], spec)
+    compiled = engine.generate(with_loras(items, late_sets), eager_spec).images  # batch 3 with CFG: 6 rows
+    engine.generate(with_loras(items[:1], [[(third, 2.0)]]), spec)
     assert counters["stats"]["unique_graphs"] == graphs
     for position in range(3):
         assert_regenerates(compiled[position], eager[position])
