@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make run` and `make test`. `make setup` prepares .venv alone.
+# Two commands on a fresh machine: `make run` and `make test` (ruff, then every test; `-m "not slow"`
+# in PYTEST_ARGS skips the Inductor compile tests). `make setup` prepares .venv alone.
 # `make bench`: the in-process batching benchmark at its defaults (docs/BENCHMARKS.md, ~1 min on 2 cores).
 PYTHON ?= python3
 VENV := .venv
@@ -21,7 +22,8 @@ run: setup
 	RUNPOD_LOG_LEVEL=INFO $(PY) handler.py --output_dir outputs
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m scripts.bench_batching
