@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import platform
+from importlib import metadata
 from typing import Any
 
-import diffusers
-import runpod
 import torch
-import transformers
 
 from pipelines.z_image import BatchSpec
 from serving.modes import Modes
@@ -41,11 +39,17 @@ def capabilities(settings: Settings, modes: Modes, store: ImageStore | None, sta
         "load_seconds": round(engine.load_seconds, 3),
         "startup_ms": startup.as_dict(),
         "acceleration": dataclasses.asdict(engine.acceleration),
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "runpod": runpod.__version__,
-        },
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     **{name: _version(name) for name in ("diffusers", "transformers", "runpod")}},
     }
+
+
+def _version(distribution: str) -> str | None:
+    """Read from the installed metadata: no import (the GPU check's machine has no runpod SDK)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def max_batch_spec() -> BatchSpec:
