@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from tqdm import tqdm
@@ -113,7 +113,7 @@ class Benchmark:
 
     async def run_once(self, perm: Permutation, repetition: int) -> dict[str, Any]:
         limits = self.config.limits
-        started = datetime.now(timezone.utc).isoformat()
+        started = datetime.now(UTC).isoformat()
         t0 = time.monotonic()
         inputs = job_inputs(self.config, perm, repetition)
         outcomes = await asyncio.gather(*(submit(self.client, i, t0) for i in inputs))

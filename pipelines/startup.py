@@ -9,7 +9,7 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

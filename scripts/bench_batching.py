@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started, (busy_before, own_before) = time.perf_counter(), busy_cpu_s()
     passes = asyncio.run(run_all())
     busy_after, own_after = busy_cpu_s()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     report = {
         "benchmark": "batching", "created": stamp,
         "command": " ".join([".venv/bin/python", "scripts/bench_batching.py", *(argv or sys.argv[1:])]),

@@ -10,7 +10,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from serving.batcher import Batcher, ImageOutcome
 from serving.delivery import Delivered, PendingUpload
@@ -105,7 +106,7 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Bat
         while tally.completed + tally.failed < total:
             try:
                 outcome, delivered, encode_ms = await asyncio.wait_for(finished.get(), deadline - time.perf_counter())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             tally.count_batch(outcome)
             tally.timings_ms["image_encoding"] += encode_ms

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from serving.schema import input_limits
 
