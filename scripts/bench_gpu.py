@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from models.z_image_demo import MODEL_INFO_FILE, build_tokenizer, z_image_scheduler, z_image_vae
 from pipelines.startup import prepare_engine
 from pipelines.z_image import ZImageEngine, serving_dtype
 from serving.settings import load_settings
 from serving.startup import acceleration_plan
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A prompt whose chat-templated byte-level tokens pad to 128, the caption length of the FLOP anchor.
 PROMPT = "a portrait photo of a woman in a red wool coat on a rainy city street at dusk, 85mm, soft light"

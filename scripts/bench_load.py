@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
 
         kinds = {"pipeline": None, "transformer as float32": torch.float32, "transformer as bf16": torch.bfloat16}
         loads: dict[str, dict[str, list[float]]] = {n: {kind: [] for kind in kinds} for n in folders}
-        for name, folder in folders.items():  # one unrecorded pass: page cache, lazy imports
+        for _name, folder in folders.items():  # one unrecorded pass: page cache, lazy imports
             ZImageEngine.load(folder, "cpu")
         for _ in range(args.repeats):
             for name, folder in folders.items():

@@ -95,7 +95,7 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Bat
         future.add_done_callback(lambda f: asyncio.run_coroutine_threadsafe(settle(f.result()), loop))
 
     progress(job, {"completed": 0, "total": total})
-    for index, entry in sorted(plan.cached_entries.items()):
+    for _index, entry in sorted(plan.cached_entries.items()):
         tally.image_done()
         yield image_chunk(entry, tally.completed, total)
     to_run = [(i, item) for i, item in enumerate(plan.items) if i not in plan.cached_entries]
