@@ -117,7 +117,9 @@ class Benchmark:
         t0 = time.monotonic()
         inputs = job_inputs(self.config, perm, repetition)
         outcomes = await asyncio.gather(*(submit(self.client, i, t0) for i in inputs))
-        await asyncio.gather(*(follow(self.client, o, t0, limits.job_timeout_s, limits.poll_interval_s) for o in outcomes))
+        await asyncio.gather(
+            *(follow(self.client, o, t0, limits.job_timeout_s, limits.poll_interval_s) for o in outcomes)
+        )
         return run_record(perm, repetition, list(outcomes), started)
 
     async def run(self) -> None:

@@ -205,7 +205,9 @@ class ZImageEngine:
         return [hidden[i][mask[i]].to(self.device, self.dtype) for i in range(len(prompts))]
 
     # -- stage 2: latents -----------------------------------------------------------------------
-    def initial_noise(self, seeds: list[int], width: int, height: int, workflow: str = "z-image-simple") -> torch.Tensor:
+    def initial_noise(
+        self, seeds: list[int], width: int, height: int, workflow: str = "z-image-simple"
+    ) -> torch.Tensor:
         """Per-image generators, so image i's noise is the same whatever batch it runs in: diffusers'
         draw for the simple workflow, the ComfyUI graph's (RES4LYF's, on the CPU) for danrisi."""
         scale = self.pipe.vae_scale_factor

@@ -103,7 +103,8 @@ def main(argv: list[str]) -> int:
                         f / "transformer", torch_dtype=d)))
         for what in kinds:
             medians = {n: statistics.median(loads[n][what]) for n in folders}
-            print(f"{what} load, median of {args.repeats}: fp32 {medians['fp32']:.0f} ms, bf16 {medians['bf16']:.0f} ms, "
+            print(f"{what} load, median of {args.repeats}: "
+                  f"fp32 {medians['fp32']:.0f} ms, bf16 {medians['bf16']:.0f} ms, "
                   f"fp32/bf16 = {medians['fp32'] / medians['bf16']:.2f}")
 
         spec = BatchSpec(64, 64, 3, 0.0, "z-image-simple")
