@@ -29,7 +29,8 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, AsyncIterator, Callable  # noqa: E402
+from typing import Any
+from collections.abc import AsyncIterator, Callable  # noqa: E402
 
 import runpod.serverless  # noqa: E402
 

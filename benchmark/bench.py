@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from typing import Any
 
 from tqdm import tqdm
@@ -113,11 +113,13 @@ class Benchmark:
 
     async def run_once(self, perm: Permutation, repetition: int) -> dict[str, Any]:
         limits = self.config.limits
-        started = datetime.now(timezone.utc).isoformat()
+        started = datetime.now(UTC).isoformat()
         t0 = time.monotonic()
         inputs = job_inputs(self.config, perm, repetition)
         outcomes = await asyncio.gather(*(submit(self.client, i, t0) for i in inputs))
-        await asyncio.gather(*(follow(self.client, o, t0, limits.job_timeout_s, limits.poll_interval_s) for o in outcomes))
+        await asyncio.gather(
+            *(follow(self.client, o, t0, limits.job_timeout_s, limits.poll_interval_s) for o in outcomes)
+        )
         return run_record(perm, repetition, list(outcomes), started)
 
     async def run(self) -> None:

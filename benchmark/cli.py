@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 from benchmark.bench import Benchmark, BenchmarkError
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     base_url = args.base_url or f"{RUNPOD_API_BASE}/{args.endpoint_id}"
     client = EndpointClient(base_url, api_key, config.limits.request_timeout_s, config.limits.max_retries)
     bench = Benchmark(config, client, show_progress=not args.no_progress)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     interrupted = False
     try:
         asyncio.run(_run(bench, client))
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": config.model_dump(mode="json"),
         "endpoint": base_url,
         "started_at": started.isoformat(),
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
         "interrupted": interrupted,
         "capabilities": bench.capabilities,
         "skipped": bench.skipped,

@@ -101,7 +101,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> Path:
         ok = [r["all_images_ms"] / 1000 for r in runs if r["ok"]]
         firsts = [r["first_image_ms"] / 1000 for r in runs if r["first_image_ms"] is not None]
         ax.scatter(ok, [y] * len(ok), marker="o", color="tab:blue", label="all images" if y == 0 else None)
-        ax.scatter(firsts, [y - 0.2] * len(firsts), marker="|", color="tab:green", label="first image" if y == 0 else None)
+        ax.scatter(
+            firsts, [y - 0.2] * len(firsts), marker="|", color="tab:green", label="first image" if y == 0 else None
+        )
         target = TARGETS_S.get(runs[0]["scenario"])
         if target is not None:
             for value, style in zip(target, ("--", ":")):

@@ -103,7 +103,9 @@ class ReleaseSource:
     """GitHub release assets (repos named `github.com/{owner}/{name}`): facexlib publishes its
     parsing weights only there. The tag is the revision; the manifest's sha256 pins the bytes."""
 
-    def __init__(self, web: str = "https://github.com", api: str = "https://api.github.com", timeout: float = 120) -> None:
+    def __init__(
+        self, web: str = "https://github.com", api: str = "https://api.github.com", timeout: float = 120
+    ) -> None:
         self.web, self.api, self.timeout = web.rstrip("/"), api.rstrip("/"), timeout
 
     def resolve(self, repo: str, revision: str) -> str:
@@ -209,7 +211,9 @@ def _resolve(spec: SourceSpec, source: Source, pin: bool) -> SourceSpec:
             return spec
         files = _listing(spec, source, spec.revision)
         if unhashed := [f.path for f in files if not f.pinned]:
-            raise ManifestError(f"{spec.repo}@{spec.revision}: the source reports no size/hash for {', '.join(unhashed)}")
+            raise ManifestError(
+                f"{spec.repo}@{spec.revision}: the source reports no size/hash for {', '.join(unhashed)}"
+            )
         return replace(spec, files=files)
     commit = source.resolve(spec.repo, "main" if spec.revision == UNPINNED else spec.revision)
     return replace(spec, revision=commit, files=_listing(spec, source, commit))
@@ -262,8 +266,12 @@ def pin_manifest(manifest: Manifest, report: FetchReport) -> Manifest:
 def main(argv: list[str], source: Source | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=Path, required=True, help="root of the model folders, e.g. /models")
-    parser.add_argument("--with-pulid", action="store_true", help="also the consistent-mode bundle (FLUX.1-dev + PuLID)")
-    parser.add_argument("--pin", action="store_true", help="resolve, download, measure and write the pins into the manifest")
+    parser.add_argument(
+        "--with-pulid", action="store_true", help="also the consistent-mode bundle (FLUX.1-dev + PuLID)"
+    )
+    parser.add_argument(
+        "--pin", action="store_true", help="resolve, download, measure and write the pins into the manifest"
+    )
     parser.add_argument("--allow-unpinned", action="store_true", help="build from an unpinned manifest, unverified")
     parser.add_argument("--manifest", type=Path, default=MANIFEST_PATH)
     args = parser.parse_args(argv)

@@ -173,7 +173,9 @@ def _source(entry: dict) -> SourceSpec:
         revision=entry["revision"],
         target_dir=entry.get("target_dir", ""),
         include=tuple(entry["include"]),
-        files=tuple(FileSpec(f["path"], f.get("size"), f.get("sha256"), f.get("git_sha1")) for f in entry.get("files", [])),
+        files=tuple(
+            FileSpec(f["path"], f.get("size"), f.get("sha256"), f.get("git_sha1")) for f in entry.get("files", [])
+        ),
     )
 
 

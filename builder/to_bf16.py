@@ -112,7 +112,9 @@ def convert(model_dir: Path, component: str = COMPONENT, max_shard_bytes: int = 
 
     new_map = _write_shards(component_dir, mapping, set(to_cast), max_shard_bytes)
     total = sum((component_dir / f).stat().st_size for f in set(new_map.values()))
-    _atomic_write(component_dir / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": new_map}, indent=2))
+    _atomic_write(
+        component_dir / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": new_map}, indent=2)
+    )
     _remove_unreferenced(component_dir, set(new_map.values()))
     shards = sorted(set(new_map.values()))
     result = Conversion(before, _weight_bytes(component_dir), len(to_cast), kept, shards)

@@ -6,7 +6,8 @@ import importlib
 import logging
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from runpod.serverless.modules.rp_logger import LOG_LEVELS, RunPodLogger
 

@@ -12,7 +12,8 @@ claims its own job ids, other ids are dropped.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from endpoint.jobs import JobRecord
 

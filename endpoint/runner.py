@@ -11,7 +11,8 @@ import asyncio
 import json
 import logging
 from collections import deque
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from runpod.serverless.modules.rp_handler import is_generator
 from runpod.serverless.modules.rp_job import run_job, run_job_generator

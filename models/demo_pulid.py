@@ -83,7 +83,9 @@ def build_bundle(root: Path) -> None:
     onnx.save(recognizer_model(), faces / "glintr100.onnx")
 
 
-def byte_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, max_length: int) -> PreTrainedTokenizerFast:
+def byte_tokenizer(
+    specials: list[str], bos: str | None, eos: str, pad: str, max_length: int
+) -> PreTrainedTokenizerFast:
     """Byte-level BPE with no merges: every byte is a token, so any prompt tokenizes without a vocab file."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
@@ -101,7 +103,9 @@ def byte_tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, max
 
 def build_flux(path: Path) -> None:
     torch.manual_seed(0)
-    clip_tok = byte_tokenizer(["<|startoftext|>", "<|endoftext|>"], "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", 77)
+    clip_tok = byte_tokenizer(
+        ["<|startoftext|>", "<|endoftext|>"], "<|startoftext|>", "<|endoftext|>", "<|endoftext|>", 77
+    )
     t5_tok = byte_tokenizer(["<pad>", "</s>", "<unk>"], None, "</s>", "<pad>", 512)
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_tok), hidden_size=TEXT_DIM, intermediate_size=37, num_hidden_layers=2,

@@ -110,7 +110,9 @@ class IDFormer(nn.Module):
         self.latents = nn.Parameter(torch.randn(1, num_queries, dim) * scale)
         self.proj_out = nn.Parameter(torch.randn(dim, output_dim) * scale)
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, dim, heads, dim_head, attend_to_latents=True), feed_forward(dim, ff_mult)])
+            nn.ModuleList([
+                PerceiverAttention(dim, dim, heads, dim_head, attend_to_latents=True), feed_forward(dim, ff_mult)
+            ])
             for _ in range(depth)
         )
         for i in range(self.num_scales):

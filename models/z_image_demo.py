@@ -98,7 +98,7 @@ def build_pipeline():
     )
 
 
-def z_image_vae(block_out_channels: list[int], layers_per_block: int, norm_num_groups: int) -> "AutoencoderKL":
+def z_image_vae(block_out_channels: list[int], layers_per_block: int, norm_num_groups: int) -> AutoencoderKL:
     """Z-Image's VAE layout (Flux's: 16 latent channels, its scaling and shift, no quant convs)
     at the given widths; the demo model and the GPU benchmark's full-size model both use it."""
     from diffusers import AutoencoderKL
@@ -119,7 +119,7 @@ def z_image_vae(block_out_channels: list[int], layers_per_block: int, norm_num_g
     )
 
 
-def z_image_scheduler() -> "FlowMatchEulerDiscreteScheduler":
+def z_image_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """Z-Image-Turbo's scheduler config: flow-match Euler, shift 3."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 

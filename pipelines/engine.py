@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch

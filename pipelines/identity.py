@@ -27,7 +27,10 @@ from models.pulid_modules import IDFormer
 ALIGN_SIZE = 512
 # facexlib's FFHQ template at 512x512: left eye, right eye, nose tip, left and right mouth corner
 FACE_TEMPLATE = np.array(
-    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
+    [
+        [192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+        [201.26117, 371.41043], [313.08905, 371.15118],
+    ],
     dtype=np.float32,
 )
 BORDER_RGB = (132, 133, 135)  # facexlib's gray outside the photo
@@ -64,7 +67,9 @@ class FaceEncoder:
         if not any(antelope_dir.glob("*.onnx")):
             raise FileNotFoundError(f"no ONNX face models in {antelope_dir}")
         # a directory path makes insightface load exactly these files and never download
-        self.app = FaceAnalysis(name=str(antelope_dir), allowed_modules=["detection", "recognition"], providers=providers)
+        self.app = FaceAnalysis(
+            name=str(antelope_dir), allowed_modules=["detection", "recognition"], providers=providers
+        )
         self.app.prepare(ctx_id=0, det_size=DET_SIZE)
 
     def single_face(self, rgb: np.ndarray):

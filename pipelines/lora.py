@@ -158,7 +158,8 @@ def to_module_factors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise LoraError(f"has lora_A without lora_B (or the reverse) for {_short(module)}")
-        for name, a, b in _original_names(module, pair["A"], pair["B"] * peft_scale if peft_scale != 1.0 else pair["B"]):
+        b_factor = pair["B"] * peft_scale if peft_scale != 1.0 else pair["B"]
+        for name, a, b in _original_names(module, pair["A"], b_factor):
             if name in factors:
                 raise LoraError(f"targets {_short(name)} twice")
             factors[name] = (a, b)

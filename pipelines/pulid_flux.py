@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any
+from collections.abc import Hashable
 
 import numpy as np
 import torch
@@ -153,12 +154,16 @@ class PuLIDFluxPipeline:
         flux = FluxPipeline.from_pretrained(root / "flux", dtype=dtype).to(device)
         flux.set_progress_bar_config(disable=True)
         pulid = _load_pulid(root / "pulid", device, dtype)
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+        )
         faces = FaceEncoder(root / "insightface" / "models" / "antelopev2", providers)
         parser = _load_parser(root / "facexlib", device)
         eva = _load_eva(root / "eva", device, dtype)
         info = _optional_config(root / "model_info.json")
-        identity = ModelIdentity(info.get("id", str(root)), info.get("revision", "unknown"), bool(info.get("demo", False)))
+        identity = ModelIdentity(
+            info.get("id", str(root)), info.get("revision", "unknown"), bool(info.get("demo", False))
+        )
         encoder = IdentityEncoder(faces, parser, eva, pulid.pulid_encoder, device, dtype)
         return cls(flux, pulid, encoder, cache_size, identity)
 

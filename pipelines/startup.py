@@ -9,7 +9,7 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,7 +45,9 @@ def render_guard(engine: ZImageEngine, size: int = GUARD_SIZE) -> np.ndarray:
     return engine.generate_fixed(GUARD_PROMPT, GUARD_IMAGES, size, size, GUARD_STEPS).images
 
 
-def warm_up(engine: ZImageEngine, width: int, height: int, max_batch: int, steps: int = WARMUP_STEPS) -> dict[str, float]:
+def warm_up(
+    engine: ZImageEngine, width: int, height: int, max_batch: int, steps: int = WARMUP_STEPS
+) -> dict[str, float]:
     """The generations that leave nothing to compile for the first jobs: batch 1 (compiles static),
     batch 2 (recompiles once with a symbolic batch, which then serves every larger batch), then
     batch 1 again with a caption of another length. Dynamo specialises size 1, so batch 1 keeps its
@@ -122,7 +124,9 @@ def render_pulid_guard(pipeline: PuLIDFluxPipeline, size: int = GUARD_SIZE) -> n
                                     GUARD_STEPS, PULID_GUIDANCE, None))
 
 
-def warm_up_pulid(pipeline: PuLIDFluxPipeline, size: int, max_batch: int, steps: int = WARMUP_STEPS) -> dict[str, float]:
+def warm_up_pulid(
+    pipeline: PuLIDFluxPipeline, size: int, max_batch: int, steps: int = WARMUP_STEPS
+) -> dict[str, float]:
     """Batch 1, then batch 2 when allowed, with a blank identity that starts at the second step:
     both the plain and the identity-injecting block graphs compile before any job."""
     identity = pipeline.blank_identity()

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from threading import Lock
-from typing import Any, Hashable
+from typing import Any
+from collections.abc import Hashable
 
 import numpy as np
 import torch
@@ -127,7 +128,7 @@ class ZImageEngine:
         self.lora_layers = MixedLoraLayers.install(pipe.transformer)
 
     @classmethod
-    def load(cls, model_dir: Path, device: str, prompt_cache_size: int = 256) -> "ZImageEngine":
+    def load(cls, model_dir: Path, device: str, prompt_cache_size: int = 256) -> ZImageEngine:
         """Load from a local diffusers folder: bf16 on CUDA, float32 on CPU; never the network.
         Speed switches come after, from pipelines/startup.py."""
         from diffusers import ZImagePipeline
@@ -146,13 +147,13 @@ class ZImageEngine:
         return engine
 
     # -- the Engine interface (pipelines/engine.py) ------------------------------------------------
-    def batch_key(self, spec: "BatchSpec", item: ImageItem) -> Hashable:
+    def batch_key(self, spec: BatchSpec, item: ImageItem) -> Hashable:
         """Images merge only when their texts pad alike, so a merged batch runs the model on the
         same token layout as each image alone (no cross-image attention padding)."""
         texts = [item.prompt] + ([item.negative_prompt] if spec.cfg else [])
         return (spec, tuple(self.text_length_bucket(t) for t in texts))
 
-    def activation_bytes(self, spec: "BatchSpec") -> float:
+    def activation_bytes(self, spec: BatchSpec) -> float:
         """Peak activation memory of one image of `spec` on the GPU (CFG runs a second forward)."""
         return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20 * (2 if spec.cfg else 1)
 
@@ -204,7 +205,9 @@ class ZImageEngine:
         return [hidden[i][mask[i]].to(self.device, self.dtype) for i in range(len(prompts))]
 
     # -- stage 2: latents -----------------------------------------------------------------------
-    def initial_noise(self, seeds: list[int], width: int, height: int, workflow: str = "z-image-simple") -> torch.Tensor:
+    def initial_noise(
+        self, seeds: list[int], width: int, height: int, workflow: str = "z-image-simple"
+    ) -> torch.Tensor:
         """Per-image generators, so image i's noise is the same whatever batch it runs in: diffusers'
         draw for the simple workflow, the ComfyUI graph's (RES4LYF's, on the CPU) for danrisi."""
         scale = self.pipe.vae_scale_factor

@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,8 @@ def summarize(passes: list[dict[str, tuple[float, list[dict[str, Any]]]]]) -> di
         p50 = statistics.median(walls)
         scenarios[name] = {
             "jobs": len(jobs), "images": images, "wall_s_p50": round(p50, 3),
-            "images_per_s": round(images / p50, 3), "wall_s_min": round(min(walls), 3), "wall_s_runs": [round(w, 3) for w in walls],
+            "images_per_s": round(images / p50, 3), "wall_s_min": round(min(walls), 3),
+            "wall_s_runs": [round(w, 3) for w in walls],
             "batch_sizes_per_job": [j["batch_sizes"] for j in jobs],
         }
     streaming = [p["one_job_8_images"][1][0] for p in passes]
@@ -154,9 +155,11 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"\nbatching benchmark: {s['size']}x{s['size']}, {s['steps']} steps, {s['workflow']}, max batch "
           f"{s['max_batch']}, p50 of {s['repeats']} (device {report['machine']['device']}, "
           f"{report['machine']['torch_threads']} torch threads)")
-    print(f"{'scenario':<28} {'jobs':>4} {'images':>6} {'p50 s':>7} {'min s':>7} {'images/s':>9}  batch sizes seen by each job")
+    print(f"{'scenario':<28} {'jobs':>4} {'images':>6} {'p50 s':>7} {'min s':>7} {'images/s':>9}"
+          "  batch sizes seen by each job")
     for name, row in r["scenarios"].items():
-        print(f"{name:<28} {row['jobs']:>4} {row['images']:>6} {row['wall_s_p50']:>7.2f} {row['wall_s_min']:>7.2f} {row['images_per_s']:>9.2f}"
+        print(f"{name:<28} {row['jobs']:>4} {row['images']:>6} {row['wall_s_p50']:>7.2f} {row['wall_s_min']:>7.2f}"
+              f" {row['images_per_s']:>9.2f}"
               f"  {' | '.join(','.join(map(str, b)) for b in row['batch_sizes_per_job'])}")
     c, st = r["comparisons"], r["streaming_8_images"]
     print(f"one job vs in a row: x{c['one_job_vs_in_a_row_speedup']:.2f}   "
@@ -184,14 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started, (busy_before, own_before) = time.perf_counter(), busy_cpu_s()
     passes = asyncio.run(run_all())
     busy_after, own_after = busy_cpu_s()
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     report = {
         "benchmark": "batching", "created": stamp,
         "command": " ".join([".venv/bin/python", "scripts/bench_batching.py", *(argv or sys.argv[1:])]),
         "machine": machine,
         "settings": {
             "size": args.size, "steps": args.steps, "workflow": args.workflow, "repeats": max(1, args.repeats),
-            "warmup_passes": 1, "prompt": PROMPT, "max_batch": handler.WORKER.max_batch_for(handler.WORKER.engine, spec),
+            "warmup_passes": 1, "prompt": PROMPT,
+            "max_batch": handler.WORKER.max_batch_for(handler.WORKER.engine, spec),
             "max_batch_env": settings.max_batch, "batch_wait_ms": settings.batch_wait_ms,
             "concurrency": settings.concurrency, "encode_threads": settings.encode_threads,
         },

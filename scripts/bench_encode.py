@@ -84,7 +84,8 @@ def main() -> None:
     print(f"{args.size}x{args.size}, {', '.join(PHOTOS)}; median of {args.repeats} encodes per image; "
           f"{_cpu()}, Python {platform.python_version()}, "
           f"Pillow {Image.__version__}")
-    print("| format | file MB (min–max) | stream chunk MB (max) | fits 1 MB chunk | CPU ms (median; min–max over images) | wall ms (median) |")
+    print("| format | file MB (min–max) | stream chunk MB (max) | fits 1 MB chunk "
+          "| CPU ms (median; min–max over images) | wall ms (median) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for label, encode in CODECS.items():
         sizes, chunks, cpu, wall = [], [], [], []

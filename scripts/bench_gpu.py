@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 from models.z_image_demo import MODEL_INFO_FILE, build_tokenizer, z_image_scheduler, z_image_vae
 from pipelines.startup import prepare_engine
 from pipelines.z_image import ZImageEngine, serving_dtype
 from serving.settings import load_settings
 from serving.startup import acceleration_plan
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A prompt whose chat-templated byte-level tokens pad to 128, the caption length of the FLOP anchor.
 PROMPT = "a portrait photo of a woman in a red wool coat on a rainy city street at dusk, 85mm, soft light"
@@ -117,8 +117,8 @@ def build_random_pipeline(size: str, device: str, dtype: torch.dtype):
         model.to(dtype)
     # RoPE frequencies are computed buffers, not weights: to_empty left them uninitialised.
     text_encoder.rotary_emb = Qwen3RotaryEmbedding(text_config).to(device)
-    return ZImagePipeline(scheduler=z_image_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=build_tokenizer(),
-                          transformer=transformer)
+    return ZImagePipeline(scheduler=z_image_scheduler(), vae=vae, text_encoder=text_encoder,
+                          tokenizer=build_tokenizer(), transformer=transformer)
 
 
 def _sync(device: str) -> None:
@@ -155,14 +155,17 @@ def run(size: str, fp8: bool, out_dir: Path) -> dict[str, Any]:
     settings = load_settings().model_copy(update={"fp8": fp8})
     plan = acceleration_plan(settings, device)
     result: dict[str, Any] = {"size": size, "device": device, "dtype": str(dtype).removeprefix("torch."),
-                              "torch": torch.__version__, "plan": {k: str(v) for k, v in dataclasses.asdict(plan).items()}}
+                              "torch": torch.__version__,
+                              "plan": {k: str(v) for k, v in dataclasses.asdict(plan).items()}}
     gpu, peak = peak_tflops(device)
     result["gpu"], result["peak_bf16_tflops"] = gpu, peak
 
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as model_dir:
         started = time.perf_counter()
         build_random_pipeline(size, device, dtype).save_pretrained(model_dir)
-        Path(model_dir, MODEL_INFO_FILE).write_text(json.dumps({"id": f"random-{size}", "revision": "bench", "demo": True}))
+        Path(model_dir, MODEL_INFO_FILE).write_text(
+            json.dumps({"id": f"random-{size}", "revision": "bench", "demo": True})
+        )
         result["build_and_save_s"] = round(time.perf_counter() - started, 2)
         if device == "cuda":
             torch.cuda.empty_cache()

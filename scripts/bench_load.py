@@ -93,7 +93,7 @@ def main(argv: list[str]) -> int:
 
         kinds = {"pipeline": None, "transformer as float32": torch.float32, "transformer as bf16": torch.bfloat16}
         loads: dict[str, dict[str, list[float]]] = {n: {kind: [] for kind in kinds} for n in folders}
-        for name, folder in folders.items():  # one unrecorded pass: page cache, lazy imports
+        for _name, folder in folders.items():  # one unrecorded pass: page cache, lazy imports
             ZImageEngine.load(folder, "cpu")
         for _ in range(args.repeats):
             for name, folder in folders.items():
@@ -103,7 +103,8 @@ def main(argv: list[str]) -> int:
                         f / "transformer", torch_dtype=d)))
         for what in kinds:
             medians = {n: statistics.median(loads[n][what]) for n in folders}
-            print(f"{what} load, median of {args.repeats}: fp32 {medians['fp32']:.0f} ms, bf16 {medians['bf16']:.0f} ms, "
+            print(f"{what} load, median of {args.repeats}: "
+                  f"fp32 {medians['fp32']:.0f} ms, bf16 {medians['bf16']:.0f} ms, "
                   f"fp32/bf16 = {medians['fp32'] / medians['bf16']:.2f}")
 
         spec = BatchSpec(64, 64, 3, 0.0, "z-image-simple")

@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
 import torch
 from safetensors.torch import save
 
@@ -35,6 +33,8 @@ from models.z_image_demo import ensure_demo_model
 from pipelines.lora import LoraCache, MixedLoraLayers, load_lora
 from pipelines.z_image import BatchSpec, ImageItem, ZImageEngine
 from serving.lora_source import LoraSource, LoraSourceConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PROMPT = "a portrait photo of a woman in a red coat"
 

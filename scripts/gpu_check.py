@@ -401,7 +401,8 @@ async def _job(worker, job: dict[str, Any]) -> dict[str, Any]:
             summary = chunk["summary"]
         elif "error" in chunk:
             error = chunk["error"]
-    return {"first_image_s": round(first, 3) if first else None, "all_images_s": round(time.perf_counter() - started, 3),
+    return {"first_image_s": round(first, 3) if first else None,
+            "all_images_s": round(time.perf_counter() - started, 3),
             "images": images, "image_errors": errors, "error": error,
             "batch_sizes": summary["batch_sizes"] if summary else None}
 
@@ -437,7 +438,8 @@ def phase_serving(ctx: Context) -> None:
             jobs = asyncio.run(three(workflow))
             all_s = round(time.perf_counter() - started, 3)
             ctx.results.append("serving", "rows", {"case": "3 concurrent 1-image jobs", "workflow": workflow,
-                                                   "all_images_s": all_s, "mfu": mfu(ctx, 3, all_s, workflow), "jobs": jobs})
+                                                   "all_images_s": all_s, "mfu": mfu(ctx, 3, all_s, workflow),
+                                                   "jobs": jobs})
             eight = asyncio.run(_job(worker, job(f"profile-{workflow}", PROMPT, 8, workflow, 7)))
             ctx.results.append("serving", "rows", {"case": "one 8-image job", "workflow": workflow,
                                                    "mfu": mfu(ctx, 8, eight["all_images_s"], workflow), **eight})

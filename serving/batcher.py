@@ -21,7 +21,8 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable
+from typing import Any
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
@@ -195,7 +196,9 @@ class Batcher:
                 timings_ms=result.timings_ms,
             ))
 
-    def _recover(self, engine: Engine, spec: Any, live: list[tuple[JobTicket, int, ImageItem]], err: BaseException) -> None:
+    def _recover(
+        self, engine: Engine, spec: Any, live: list[tuple[JobTicket, int, ImageItem]], err: BaseException
+    ) -> None:
         if self._is_fatal(err):
             log.error("unrecoverable device error: %s", type(err).__name__)
             self._on_fatal(err)

@@ -121,7 +121,9 @@ class Delivery:
     ) -> Delivery:
         """Refuse, or switch to url, when base64 is certain not to fit the response or one chunk."""
         if method == "url" and store is None:
-            raise JobError("invalid_input", "url delivery needs storage: set BUCKET_* or send s3Config", field="delivery")
+            raise JobError(
+                "invalid_input", "url delivery needs storage: set BUCKET_* or send s3Config", field="delivery"
+            )
         floor = pixels * MIN_BYTES_PER_PIXEL[image_format] * 4 / 3  # base64 of one image, at least
         delivery = cls(method, store, limit_bytes, method == "url", io, chunk_limit_bytes)
         if method != "base64":

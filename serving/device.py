@@ -14,7 +14,9 @@ from serving.schema import MAX_IMAGES
 from serving.settings import Settings
 
 CPU_MAX_BATCH = 4
-_FATAL_MARKERS = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure", "ECC error")
+_FATAL_MARKERS = (
+    "CUDA error", "illegal memory access", "device-side assert", "unspecified launch failure", "ECC error"
+)
 
 
 def batch_limit(settings: Settings, engine: Engine, spec: Any, free_bytes: int | None = None) -> int:

@@ -10,7 +10,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from serving.batcher import Batcher, ImageOutcome
 from serving.delivery import Delivered, PendingUpload
@@ -94,7 +95,7 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Bat
         future.add_done_callback(lambda f: asyncio.run_coroutine_threadsafe(settle(f.result()), loop))
 
     progress(job, {"completed": 0, "total": total})
-    for index, entry in sorted(plan.cached_entries.items()):
+    for _index, entry in sorted(plan.cached_entries.items()):
         tally.image_done()
         yield image_chunk(entry, tally.completed, total)
     to_run = [(i, item) for i, item in enumerate(plan.items) if i not in plan.cached_entries]
@@ -105,7 +106,7 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Bat
         while tally.completed + tally.failed < total:
             try:
                 outcome, delivered, encode_ms = await asyncio.wait_for(finished.get(), deadline - time.perf_counter())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             tally.count_batch(outcome)
             tally.timings_ms["image_encoding"] += encode_ms

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from serving.outputs import merge_chunks, without_payloads
 

@@ -54,7 +54,8 @@ class LoraLoader:
     def describe(self) -> dict[str, Any]:
         """Capabilities' `loras`."""
         settings = self.settings
-        return {"available": True, "max_count": MAX_LORAS, "scale": [-MAX_LORA_SCALE, MAX_LORA_SCALE], "formats": list(FORMATS),
+        return {"available": True, "max_count": MAX_LORAS, "scale": [-MAX_LORA_SCALE, MAX_LORA_SCALE],
+                "formats": list(FORMATS),
                 "lora_dir": settings.lora_dir is not None, "urls": settings.lora_allow_urls,
                 "max_mb": settings.lora_max_mb,
                 "disk_cache_mb": settings.lora_cache_mb if settings.lora_cache_dir else 0,

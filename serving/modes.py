@@ -113,7 +113,7 @@ class ConsistentMode:
                 REFERENCE_TIMEOUT_S,
             )
             identity = await loop.run_in_executor(self._identity_pool, self.pipeline.compute_identity, rgb)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise JobError("invalid_reference", "took too long to fetch or read", field="reference_image") from None
         except IdentityError as err:
             code = "multiple_faces" if isinstance(err, MultipleFaces) else "no_face"

@@ -63,7 +63,8 @@ class JobPlan:
         params = {
             "model": model_fields(self.engine), "mode": self.mode.name, **spec_fields(spec),
             "prompt": item.prompt, "negative_prompt": item.negative_prompt if spec.cfg else "", "seed": item.seed,
-            "format": request.output_format, "quality": effective_quality(request.output_format, request.output_quality),
+            "format": request.output_format,
+            "quality": effective_quality(request.output_format, request.output_quality),
         }
         if item.loras:  # each LoRA by its content, in order: a renamed file still hits
             params["loras"] = [[adapter.sha256, scale] for adapter, scale in item.loras]

@@ -101,7 +101,7 @@ class GenerateRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "GenerateRequest":
+    def _consistent(self) -> GenerateRequest:
         if self.mode == "consistent" and self.reference_image is None:
             raise _FieldRule("reference_image", "is required in consistent mode")
         if self.mode == "fast" and self.reference_image is not None:
@@ -113,7 +113,7 @@ class GenerateRequest(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _eta_needs_danrisi(self) -> "GenerateRequest":
+    def _eta_needs_danrisi(self) -> GenerateRequest:
         if self.eta is not None and self.workflow == "z-image-simple":
             raise _FieldRule("eta", "is only used by z-image-danrisi")
         return self
@@ -130,7 +130,7 @@ class GenerateRequest(BaseModel):
         return self._size_note
 
     @model_validator(mode="after")
-    def _size(self) -> "GenerateRequest":
+    def _size(self) -> GenerateRequest:
         explicit = self.width is not None or self.height is not None
         by_ratio = self.aspect_ratio is not None or self.megapixels is not None
         if explicit and by_ratio:

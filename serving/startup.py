@@ -63,7 +63,9 @@ def load_engines(settings: Settings, startup: StartupTimer) -> LoadedEngines:
     return LoadedEngines(engine, consistent, reason)
 
 
-def load_consistent(settings: Settings, device: str, plan: AccelerationPlan) -> tuple[PuLIDFluxPipeline | None, str | None]:
+def load_consistent(
+    settings: Settings, device: str, plan: AccelerationPlan
+) -> tuple[PuLIDFluxPipeline | None, str | None]:
     """The optional PuLID pipeline; when it can't load, fast mode still serves and says why."""
     if not settings.pulid_enabled:
         return None, "disabled by PULID_ENABLED=0"

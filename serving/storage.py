@@ -162,7 +162,9 @@ def default_region(endpoint_url: str | None) -> str:
 _JOB_FIELDS = ("accessId", "accessSecret", "bucketName", "endpointUrl")
 
 
-def storage_config_from_job(s3_config: Any, defaults: StorageConfig | None, *, allow_private: bool = False) -> StorageConfig:
+def storage_config_from_job(
+    s3_config: Any, defaults: StorageConfig | None, *, allow_private: bool = False
+) -> StorageConfig:
     """Config for RunPod's per-job `s3Config`: the caller's own bucket and credentials.
 
     The endpoint must resolve to public addresses only (`allow_private` lifts that for a

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from pipelines.engine import Engine
 from pipelines.startup import free_gpu_bytes
@@ -53,7 +54,7 @@ class Worker:
 
     @classmethod
     def start(cls, settings: Settings, startup: StartupTimer | None = None,
-              on_fatal: Callable[[], None] = lambda: None) -> "Worker":
+              on_fatal: Callable[[], None] = lambda: None) -> Worker:
         """Load the models before any job; `on_fatal` is called once the GPU is broken for good
         (the handler asks RunPod for a fresh worker)."""
         startup = startup or StartupTimer()

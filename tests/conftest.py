@@ -7,7 +7,8 @@ import asyncio
 import base64
 import io
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest

@@ -20,7 +20,8 @@ from serving.settings import load_settings
 from serving.worker import Worker
 from tests.conftest import assert_regenerates, pixels, run_job
 
-SMALL = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 3.5, "output_format": "png"}  # lossless: pixels compared
+# lossless: pixels compared
+SMALL = {"width": 64, "height": 64, "steps": 3, "guidance_scale": 3.5, "output_format": "png"}
 PROMPT = "portrait photo of a person"
 
 
@@ -90,11 +91,13 @@ def test_identity_cache_is_hit_on_the_second_job(handler_module):
         ("https://127.0.0.1/face.png", "invalid_reference: reference_image: URL must point to a public address"),
         ("https://localhost/face.png", "invalid_reference: reference_image: URL must point to a public address"),
         ("https://10.0.0.1/face.png", "invalid_reference: reference_image: URL must point to a public address"),
-        ("https://169.254.169.254/latest/meta-data/", "invalid_reference: reference_image: URL must point to a public address"),
+        ("https://169.254.169.254/latest/meta-data/",
+         "invalid_reference: reference_image: URL must point to a public address"),
         ("https://[::1]/face.png", "invalid_reference: reference_image: URL must point to a public address"),
         ("https://example.com:99999/face.png", "invalid_reference: reference_image: is not a valid URL"),
         ("not base64 at all!", "invalid_reference: reference_image: is neither an https URL nor valid base64"),
-        (base64.b64encode(b"plain text, not an image").decode(), "invalid_reference: reference_image: is not a readable image"),
+        (base64.b64encode(b"plain text, not an image").decode(),
+         "invalid_reference: reference_image: is not a readable image"),
         (png_b64(face(3)[:10, :10]), "invalid_reference: reference_image: must be at least 64 pixels"),
     ],
 )
@@ -158,7 +161,8 @@ def run_together(worker: Worker, *inputs: dict[str, Any]) -> list[dict[str, Any]
 
 def test_concurrent_consistent_jobs_share_a_batch_and_keep_their_seeds(patient):
     other_face = png_b64(face(7))
-    a, b, c = run_together(patient, consistent(seed=21, identity_start_step=0), consistent(seed=22, identity_start_step=0),
+    a, b, c = run_together(patient, consistent(seed=21, identity_start_step=0),
+                           consistent(seed=22, identity_start_step=0),
                            consistent(seed=23, identity_start_step=0, reference_image=other_face))
     assert a["batch_sizes"] == b["batch_sizes"] == [2]  # same size, steps and reference: one call
     assert c["batch_sizes"] == [1]  # another reference never joins them

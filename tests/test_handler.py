@@ -29,9 +29,15 @@ def test_generates_requested_images_with_seeds_and_metadata(handler_module):
 
 @pytest.mark.parametrize("workflow", ["z-image-simple", "z-image-danrisi"])
 def test_same_seed_same_pixels_and_image_i_regenerates_alone(handler_module, workflow):
-    four = run_job(handler_module, {"prompt": "a lighthouse", "num_images": 4, "seed": 100, "workflow": workflow, **SMALL})
-    again = run_job(handler_module, {"prompt": "a lighthouse", "num_images": 4, "seed": 100, "workflow": workflow, **SMALL})
-    alone = run_job(handler_module, {"prompt": "a lighthouse", "num_images": 1, "seed": 102, "workflow": workflow, **SMALL})
+    four = run_job(
+        handler_module, {"prompt": "a lighthouse", "num_images": 4, "seed": 100, "workflow": workflow, **SMALL}
+    )
+    again = run_job(
+        handler_module, {"prompt": "a lighthouse", "num_images": 4, "seed": 100, "workflow": workflow, **SMALL}
+    )
+    alone = run_job(
+        handler_module, {"prompt": "a lighthouse", "num_images": 1, "seed": 102, "workflow": workflow, **SMALL}
+    )
     assert four["workflow"] == workflow
     for a, b in zip(four["images"], again["images"]):
         assert_regenerates(pixels(a), pixels(b))

@@ -72,7 +72,8 @@ def _run(endpoint: BackgroundEndpoint, config: BenchmarkConfig) -> list[dict[str
 def test_image_errors_are_failures_with_reasons(endpoint: BackgroundEndpoint) -> None:
     [record] = _run(endpoint, _config(defaults={"fault": "image_error"}))
     assert not record["ok"] and record["images"] == 1 and record["all_images_ms"] is None
-    assert [(f["kind"], f["index"], f["reason"]) for f in record["failures"]] == [("image_error", 0, "fixture: injected")]
+    failures = [(f["kind"], f["index"], f["reason"]) for f in record["failures"]]
+    assert failures == [("image_error", 0, "fixture: injected")]
 
 
 def test_job_timeout_is_a_failure_and_the_job_is_cancelled(endpoint: BackgroundEndpoint) -> None:
@@ -92,9 +93,11 @@ def test_capabilities_decide_what_is_skipped() -> None:
     caps = parse_capabilities([CAPABILITIES])  # an async-generator handler returns a list
     perm = Permutation("matrix", "v", "z-image-simple", "fast", 8, 1024, 1024, 4, 1)
     assert skip_reason(perm, caps) is None
-    assert "unavailable: fixture: no PuLID" in skip_reason(Permutation(**{**perm.settings(), "mode": "consistent"}), caps)
+    consistent = Permutation(**{**perm.settings(), "mode": "consistent"})
+    assert "unavailable: fixture: no PuLID" in skip_reason(consistent, caps)
     assert "not offered" in skip_reason(Permutation(**{**perm.settings(), "workflow": "other"}), caps)
-    assert skip_reason(Permutation(**{**perm.settings(), "num_images": 17}), caps) == "num_images 17 > endpoint limit 16"
+    too_many = Permutation(**{**perm.settings(), "num_images": 17})
+    assert skip_reason(too_many, caps) == "num_images 17 > endpoint limit 16"
     assert skip_reason(Permutation(**{**perm.settings(), "width": 4096}), caps) == "width 4096 > endpoint limit 2048"
     assert skip_reason(Permutation(**{**perm.settings(), "height": 8}), caps) == "height 8 < endpoint limit 16"
     assert skip_reason(Permutation(**{**perm.settings(), "steps": 51}), caps) == "steps 51 > endpoint limit 50"

@@ -209,7 +209,9 @@ def test_a_corrupted_file_in_the_target_is_downloaded_again(tmp_path: Path, hub:
     (b"w" * 999, "size mismatch: expected 1000 bytes, got 999"),
     (b"W" * 1000, f"sha256 mismatch: expected {sha(b'w' * 1000)}, got {sha(b'W' * 1000)}"),
 ])
-def test_a_source_serving_other_bytes_fails_naming_the_file(tmp_path: Path, hub: LoopbackHub, bad: bytes, message: str) -> None:
+def test_a_source_serving_other_bytes_fails_naming_the_file(
+    tmp_path: Path, hub: LoopbackHub, bad: bytes, message: str
+) -> None:
     manifest = load_manifest(write_manifest(tmp_path / "m.json"))
     hub.serve("acme/turbo/transformer/w.safetensors", bad)
     with pytest.raises(VerificationError) as err:
@@ -238,7 +240,8 @@ def test_allow_unpinned_builds_from_the_current_commit(tmp_path: Path, hub: Loop
 
 def test_pin_writes_commits_sizes_and_hashes_that_a_build_then_accepts(tmp_path: Path, hub: LoopbackHub) -> None:
     manifest_path = write_manifest(tmp_path / "m.json", pinned=False)
-    assert main(["--target", str(tmp_path / "pin"), "--manifest", str(manifest_path), "--pin", "--with-pulid"], hub) == 0
+    argv = ["--target", str(tmp_path / "pin"), "--manifest", str(manifest_path), "--pin", "--with-pulid"]
+    assert main(argv, hub) == 0
 
     pinned = load_manifest(manifest_path)
     expected = load_manifest(write_manifest(tmp_path / "expected.json", pinned=True))
@@ -312,11 +315,14 @@ def releases():
     server.shutdown()
 
 
-def test_release_assets_are_pinned_by_tag_and_sha256_and_then_verified(tmp_path: Path, hub: LoopbackHub, releases) -> None:
+def test_release_assets_are_pinned_by_tag_and_sha256_and_then_verified(
+    tmp_path: Path, hub: LoopbackHub, releases
+) -> None:
     path = write_manifest(tmp_path / "m.json", pinned=False)
     document = json.loads(path.read_text())
     document["models"]["pulid-flux"]["sources"].append(
-        {"repo": "github.com/acme/parser", "revision": "v1", "target_dir": "facexlib", "include": ["*.pth"], "files": []})
+        {"repo": "github.com/acme/parser", "revision": "v1", "target_dir": "facexlib", "include": ["*.pth"],
+         "files": []})
     path.write_text(json.dumps(document))
     source = BuildSource(hub, releases)
     assert "github.com/acme/parser: no file list" in load_manifest(path).model("pulid-flux").sources[-1].problems()
@@ -379,7 +385,9 @@ def test_git_blob_sha1_is_gits_own_object_id(tmp_path: Path) -> None:
 
     for name, data in {"empty": b"", "config.json": b'{"dim": 3840}\n', "bytes.bin": bytes(range(256)) * 3}.items():
         (tmp_path / name).write_bytes(data)
-        expected = subprocess.run(["git", "hash-object", str(tmp_path / name)], capture_output=True, text=True, check=True)
+        expected = subprocess.run(
+            ["git", "hash-object", str(tmp_path / name)], capture_output=True, text=True, check=True
+        )
         assert git_blob_sha1(tmp_path / name) == expected.stdout.strip()
     assert git_blob_sha1(tmp_path / "empty") == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"  # git's empty blob
     verify_file(tmp_path / "config.json", FileSpec("config.json", 14, git_sha1=git_blob_sha1(tmp_path / "config.json")))

@@ -89,7 +89,9 @@ def test_hub_json_lists_a_serverless_gpu_worker_with_settings_it_reads() -> None
     load_settings({**dockerfile_env(), **hub_env(hub)})
 
 
-@pytest.mark.parametrize("test", json.loads((ROOT / ".runpod/tests.json").read_text())["tests"], ids=lambda t: t["name"])
+@pytest.mark.parametrize(
+    "test", json.loads((ROOT / ".runpod/tests.json").read_text())["tests"], ids=lambda t: t["name"]
+)
 def test_hub_smoke_tests_send_valid_jobs(test: dict) -> None:
     parse_job_input(test["input"])
     assert test["timeout"] >= 60_000  # milliseconds: a cold start loads ~21 GB of weights

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from serving.schema import input_limits
 
@@ -116,7 +117,10 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         progress = {"completed": index + 1, "total": total}
         _progress_sink(job, progress)
         if inp.get("fault") == "image_error" and index == 0:
-            yield {"image_error": {"index": index, "seed": seed + index, "code": "fixture", "message": "injected"}, "progress": progress}
+            yield {
+                "image_error": {"index": index, "seed": seed + index, "code": "fixture", "message": "injected"},
+                "progress": progress,
+            }
             continue
         data = base64.b64encode(f"img-{job['id']}-{index}".encode()).decode()
         image = {"index": index, "seed": seed + index, "width": width, "height": height, "format": fmt, "base64": data}

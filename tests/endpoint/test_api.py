@@ -241,7 +241,9 @@ def test_retry_requeues_a_failed_job_under_its_id_and_input(start_endpoint: Endp
 
 def test_retry_a_timed_out_job(endpoint: BackgroundEndpoint) -> None:
     api = Api(endpoint)
-    body = api.call("POST", "runsync", {"input": {"prompt": "p", "delay_s": 1.0}, "policy": {"executionTimeout": 200}}).json()
+    body = api.call(
+        "POST", "runsync", {"input": {"prompt": "p", "delay_s": 1.0}, "policy": {"executionTimeout": 200}}
+    ).json()
     assert body["status"] == "TIMED_OUT"
     api.call("POST", f"retry/{body['id']}")
     assert api.wait(body["id"])["status"] == "TIMED_OUT"  # same input, same policy

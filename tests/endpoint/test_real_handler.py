@@ -10,7 +10,8 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import runpod
@@ -162,7 +163,8 @@ def test_concurrent_jobs_complete_and_share_batches(real: BackgroundEndpoint) ->
     assert [b["status"] for b in bodies] == ["COMPLETED"] * 4
     for body, job_input in zip(bodies, inputs):
         seed = job_input["seed"]
-        assert sorted((c["image"]["index"], c["image"]["seed"]) for c in body["output"][:2]) == [(0, seed), (1, seed + 1)]
+        indices_seeds = sorted((c["image"]["index"], c["image"]["seed"]) for c in body["output"][:2])
+        assert indices_seeds == [(0, seed), (1, seed + 1)]
     batch_sizes = [b["output"][-1]["summary"]["batch_sizes"] for b in bodies]
     assert max(max(sizes) for sizes in batch_sizes) > 2, batch_sizes
 
@@ -184,7 +186,9 @@ def test_smoke_benchmark_against_the_real_handler(
     for run in runs:
         assert RECORD_FIELDS <= set(run)
         assert run["failures"] == [] and run["ok"]
-        assert run["images"] == run["expected_images"] == run["jobs"] * run["num_images"] == len(run["image_arrival_ms"])
+        assert (
+            run["images"] == run["expected_images"] == run["jobs"] * run["num_images"] == len(run["image_arrival_ms"])
+        )
         assert run["submit_ms"] <= run["first_image_ms"] <= run["all_images_ms"]
         assert all(job["status"] == "COMPLETED" and job["summary"]["model"]["demo"] for job in run["jobs_detail"])
         assert sum(job["summary"]["images_completed"] for job in run["jobs_detail"]) == run["images"]

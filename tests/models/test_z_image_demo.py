@@ -26,6 +26,8 @@ def test_demo_folder_loads_through_the_real_loader_and_says_it_is_the_demo(tmp_p
 
 def test_tokenizer_renders_the_z_image_chat_template():
     tokenizer = build_tokenizer()
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer.decode(tokenizer("héllo").input_ids) == "héllo"

@@ -288,7 +288,10 @@ def test_fp8_guard_refuses_and_restores_when_quality_drops(demo_dir):
     transformer = engine.pipe.transformer
     before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, ("layers",), 1)}
     report = AccelerationReport()
-    apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report, quantize=_replace_weights(-3.0))
+    apply_fp8_guarded(
+        engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report,
+        quantize=_replace_weights(-3.0),
+    )
     assert report.fp8 is False and report.fp8_psnr_db < 30
     assert "FP8 refused: guard PSNR" in report.notes[0]
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
@@ -297,7 +300,10 @@ def test_fp8_guard_refuses_and_restores_when_quality_drops(demo_dir):
 def test_fp8_guard_accepts_a_faithful_quantization(demo_dir):
     engine = ZImageEngine.load(demo_dir, "cpu")
     report = AccelerationReport()
-    apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report, quantize=_replace_weights(1.0))
+    apply_fp8_guarded(
+        engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report,
+        quantize=_replace_weights(1.0),
+    )
     assert report.fp8 is True and report.fp8_psnr_db == math.inf
 
 
@@ -314,7 +320,10 @@ def test_a_quantizer_failing_half_way_leaves_the_original_weights(demo_dir):
         raise AssertionError("float8 needs SM >= 8.9")
 
     report = AccelerationReport()
-    apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report, quantize=replace_then_refuse)
+    apply_fp8_guarded(
+        engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report,
+        quantize=replace_then_refuse,
+    )
     assert report.fp8 is False and report.notes == ["FP8 refused: AssertionError: float8 needs SM >= 8.9"]
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
     for image, expected in zip(render_guard(engine, 64), reference):
@@ -332,7 +341,9 @@ def test_real_torchao_refusing_the_hardware_leaves_a_working_bf16_engine(demo_di
     before = {name: transformer.get_submodule(name).weight for name in fp8_target_names(transformer, ("layers",), 1)}
     reference = render_guard(engine, 64)
     report = AccelerationReport()
-    apply_fp8_guarded(engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report)  # the real torchao quantizer
+    apply_fp8_guarded(  # the real torchao quantizer
+        engine.pipe.transformer, ("layers",), partial(render_guard, engine, 64), _guard_plan(30), report
+    )
     assert report.fp8 is False and report.notes[0].startswith("FP8 refused: ")
     assert all(transformer.get_submodule(name).weight is weight for name, weight in before.items())
     for image, expected in zip(render_guard(engine, 64), reference):

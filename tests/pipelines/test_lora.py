@@ -212,7 +212,10 @@ def test_refused_lora_leaves_the_model_untouched(engine, layers):
 # -- applying ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def two_adapters(layers):
-    return load_lora(kohya_file(factors(layers, seed=11)), layers), load_lora(peft_file(factors(layers, seed=12, rank=6)), layers)
+    return (
+        load_lora(kohya_file(factors(layers, seed=11)), layers),
+        load_lora(peft_file(factors(layers, seed=12, rank=6)), layers),
+    )
 
 
 def with_loras(items: list[ImageItem], sets) -> list[ImageItem]:
@@ -307,7 +310,9 @@ def test_compiled_blocks_switch_loras_batches_and_cfg_without_recompiling(restor
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", RECOMPILE_LIMIT)  # as compile_blocks sets it
     engine = ZImageEngine.load(ensure_demo_model(DEMO_DIR), "cpu")
     layers = engine.lora_layers
-    first, second, third = (load_lora(peft_file(factors(layers, seed=s, rank=r)), layers) for s, r in ((51, 4), (52, 2), (53, 4)))
+    first, second, third = (
+        load_lora(peft_file(factors(layers, seed=s, rank=r)), layers) for s, r in ((51, 4), (52, 2), (53, 4))
+    )
     eager_spec = BatchSpec(64, 64, 1, 2.5, "z-image-simple")
     items = [ImageItem("a dog", "a cat", seed) for seed in range(3)]
     late_sets = [[(second, 0.5)], [], [(third, 1.0), (second, -1.0)]]  # other adapters, scales, batch

@@ -117,5 +117,7 @@ def test_identity_cache_evicts_least_recently_used():
 def test_cancel_check_stops_generation(pipe, identity):
     calls = []
     with pytest.raises(SamplingStopped):
-        pipe.render([PROMPT], [1], identity=identity, id_weight=1.0, should_stop=lambda: calls.append(1) or True, **SIZE)
+        pipe.render(
+            [PROMPT], [1], identity=identity, id_weight=1.0, should_stop=lambda: calls.append(1) or True, **SIZE
+        )
     assert len(calls) == 1, "the first step's check must stop the run"

@@ -18,7 +18,8 @@ def engine(handler_module):
 
 @pytest.mark.parametrize("guidance", [0.0, 2.5])
 def test_simple_workflow_reproduces_diffusers_pipeline_pixels(engine, guidance):
-    ours = engine.generate([ImageItem("a cat", "blurry", 5)], BatchSpec(64, 64, 4, guidance, "z-image-simple")).images[0]
+    spec = BatchSpec(64, 64, 4, guidance, "z-image-simple")
+    ours = engine.generate([ImageItem("a cat", "blurry", 5)], spec).images[0]
     reference = engine.pipe(
         "a cat", negative_prompt="blurry", height=64, width=64, num_inference_steps=4, guidance_scale=guidance,
         generator=torch.Generator().manual_seed(5), output_type="np",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 
-from tests.conftest import ROOT
 
 
 def load_script():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 
-from tests.conftest import ROOT
 
 
 def test_tiny_run_reports_every_figure(capsys):

@@ -131,7 +131,9 @@ def engine_calls(worker: Worker) -> int:
     return cache.hits + cache.misses  # every engine.generate encodes its prompts through this cache
 
 
-def test_url_delivery_serves_the_same_bytes_as_base64_and_a_repeat_is_a_cache_hit(worker, counting_proxy, moto_endpoint, main_bucket):
+def test_url_delivery_serves_the_same_bytes_as_base64_and_a_repeat_is_a_cache_hit(
+    worker, counting_proxy, moto_endpoint, main_bucket
+):
     job = {"prompt": "a red fox", "num_images": 2, "seed": 41, **SMALL}
     inline = run(worker, job)
     assert inline["settings"]["delivery"] == "base64" and "url" not in inline["images"][0]
@@ -180,7 +182,10 @@ def test_streaming_yields_each_image_once_it_is_stored(worker, moto_endpoint, ma
             s3.head_object(Bucket=main_bucket, Key=chunk["image"]["key"])
             seen.append(chunk["image"]["index"])
 
-    job = {"id": "stream-1", "input": {"prompt": "a kite over hills", "num_images": 4, "seed": 7, "delivery": "url", **SMALL}}
+    job = {
+        "id": "stream-1",
+        "input": {"prompt": "a kite over hills", "num_images": 4, "seed": 7, "delivery": "url", **SMALL},
+    }
     chunks = chunks_of(worker, job, on_chunk)
     assert [c["progress"]["completed"] for c in chunks if "image" in c] == [1, 2, 3, 4]
     assert "summary" in chunks[-1] and all("summary" not in c for c in chunks[:-1])

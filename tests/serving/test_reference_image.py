@@ -47,7 +47,10 @@ def png_claiming(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def refused(value: str, rule: str = "") -> str:
@@ -297,7 +300,9 @@ def _host_handler(host: Host) -> type[BaseHTTPRequestHandler]:
                 elif self.path == "/drip-headers":
                     host.drip(self.wfile, head + host.photo)
                 elif self.path.startswith("/length/"):
-                    self.wfile.write(f"HTTP/1.1 200 OK\r\nContent-Length: {self.path[8:]}\r\n\r\n".encode() + host.photo)
+                    self.wfile.write(
+                        f"HTTP/1.1 200 OK\r\nContent-Length: {self.path[8:]}\r\n\r\n".encode() + host.photo
+                    )
                 self.close_connection = True
 
     return Handler
@@ -317,7 +322,9 @@ def https_host(tmp_path: Path, monkeypatch) -> Iterator[Host]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     public = ref.check_public_address
-    monkeypatch.setattr(ref, "check_public_address", lambda address: None if address == "127.0.0.1" else public(address))
+    monkeypatch.setattr(
+        ref, "check_public_address", lambda address: None if address == "127.0.0.1" else public(address)
+    )
     monkeypatch.setattr(ref, "_tls_context", lambda: ssl.create_default_context(cafile=str(cert_path)))
     try:
         yield host
@@ -345,7 +352,8 @@ def test_a_dripping_host_is_cut_off_at_the_total_deadline(https_host, monkeypatc
     monkeypatch.setattr(ref, "FETCH_TIMEOUT_S", 1.0)
     started = time.monotonic()
     refused(f"{https_host.url}{path}", "URL took more than 1 s to fetch")
-    assert time.monotonic() - started < 1.0 + 2 * https_host.drip_s + 1.0  # the deadline plus a drip, not the photo's 100+ s
+    # the deadline plus a drip, not the photo's 100+ s
+    assert time.monotonic() - started < 1.0 + 2 * https_host.drip_s + 1.0
 
 
 @pytest.mark.parametrize(("length", "rule"), [
@@ -357,7 +365,8 @@ def test_a_malformed_content_length_is_an_invalid_reference(https_host, length, 
 
 
 @pytest.mark.parametrize("url", ["https://exämple.com/a.png", "https://example.com/ä.png", "https://example.com/a b",
-                                 "https://example.com/a\r\nX-Injected: 1", "https://a..b/a.png", f"https://{'a' * 64}.com/"])
+                                 "https://example.com/a\r\nX-Injected: 1", "https://a..b/a.png",
+                                 f"https://{'a' * 64}.com/"])
 def test_urls_that_cannot_be_sent_are_invalid_not_internal(url):
     with pytest.raises(JobError) as caught:
         load_reference_image(url)

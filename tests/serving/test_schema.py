@@ -39,7 +39,9 @@ VALID = {
     "guidance_scale": 1.0, "seed": 3, "workflow": "auto", "output_format": "webp", "output_quality": 80,
     "delivery": "base64", "fallback": "none",
 }
-VALID_CONSISTENT = {**VALID, "mode": "consistent", "reference_image": "aGk=", "id_weight": 1.0, "identity_start_step": 1}
+VALID_CONSISTENT = {
+    **VALID, "mode": "consistent", "reference_image": "aGk=", "id_weight": 1.0, "identity_start_step": 1
+}
 # values near the edges of each field's domain, plus the wrong types
 edge_values = json_values | st.sampled_from([
     0, -1, 1, 15, 16, 17, 63, 64, 2048, 2049, 2**32, 2**32 - 1, 2**64, 1.0, 0.5, float("nan"), float("inf"),
@@ -156,7 +158,8 @@ def test_any_text_in_any_string_field_is_a_request_or_names_that_field(name, tex
     ("a \ud800 b", "must be valid Unicode text (no lone surrogate \\ud800-\\udfff)"),
     ("a \udfff", "must be valid Unicode text (no lone surrogate \\ud800-\\udfff)"),
     ("a\x00b", "must not contain control characters other than tab, newline and carriage return: U+0000 at position 1"),
-    ("ab\x1b[31m", "must not contain control characters other than tab, newline and carriage return: U+001B at position 2"),
+    ("ab\x1b[31m",
+     "must not contain control characters other than tab, newline and carriage return: U+001B at position 2"),
     ("a\x85", "must not contain control characters other than tab, newline and carriage return: U+0085 at position 1"),
 ])
 def test_prompts_refuse_lone_surrogates_and_control_characters(field, text, rule):
@@ -222,7 +225,9 @@ def test_capability_limits_name_the_rest_of_the_contract():
     assert limits["size_multiple"] == SIZE_MULTIPLE and limits["aspect_ratios"] == list(ASPECT_RATIOS)
     assert limits["output_formats"] == ["png", "webp", "jpeg"]
     parse_job_input({"prompt": "x" * limits["prompt_chars"]})
-    with pytest.raises(JobError, match=rf"^invalid_input: prompt: must be at most {limits['prompt_chars']} characters$"):
+    with pytest.raises(
+        JobError, match=rf"^invalid_input: prompt: must be at most {limits['prompt_chars']} characters$"
+    ):
         parse_job_input({"prompt": "x" * (limits["prompt_chars"] + 1)})
 
 

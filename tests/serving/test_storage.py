@@ -152,7 +152,9 @@ def test_job_endpoint_must_resolve_to_public_addresses(endpoint: str) -> None:
 
 def test_job_endpoint_on_a_public_address_is_accepted() -> None:
     config = storage_config_from_job({**JOB, "endpointUrl": "https://93.184.215.14:9000"}, None)
-    assert (config.endpoint_url, config.region, config.result_cache) == ("https://93.184.215.14:9000", "us-east-1", False)
+    assert (config.endpoint_url, config.region, config.result_cache) == (
+        "https://93.184.215.14:9000", "us-east-1", False
+    )
 
 
 # ---- failures and retries (botocore's standard mode) -------------------------------------------
