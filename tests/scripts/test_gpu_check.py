@@ -82,7 +82,7 @@ def test_mfu_counts_the_workflows_transformer_calls(tmp_path):
     simple = (0.84 + 10.47 + 8 * 56.58) / 989
     assert gpu_check.mfu(ctx, 1, simple) == 1.0  # one image at the physical floor: the whole peak
     assert gpu_check.mfu(ctx, 8, 8 * simple * 2) == 0.5
-    danrisi = (0.84 + 10.47 + 15 * 56.58) / 989
+    danrisi = (0.84 + 10.47 + 17 * 56.58) / 989  # 2·steps + 1 calls
     assert gpu_check.mfu(ctx, 1, danrisi, "z-image-danrisi") == 1.0
     ctx.device = "cpu"
     assert gpu_check.mfu(ctx, 1, simple) is None  # no peak is claimed for a CPU
