@@ -21,8 +21,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 
-from serving.errors import JobError
-from serving.reference_image import check_public_address
+from serving.public_fetch import FetchError, check_public_address
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def check_webhook_url(value: Any) -> str | None:
 def _check_public(address: str) -> None:
     try:
         check_public_address(address)
-    except JobError:
+    except FetchError:
         raise RefusedAddress("webhook must point to a public address") from None
 
 

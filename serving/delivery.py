@@ -28,15 +28,8 @@ from typing import Any
 
 from serving.errors import JobError
 from serving.outputs import CONTENT_TYPES, base64_entry, image_entry
-from serving.storage import (
-    PUBLIC_ONLY,
-    ImageStore,
-    StorageConfig,
-    StorageConfigError,
-    StorageError,
-    StoredObject,
-    storage_config_from_job,
-)
+from serving.storage import ImageStore, StorageError, StoredObject
+from serving.storage_config import PUBLIC_ONLY, StorageConfig, StorageConfigError, storage_config_from_job
 
 log = logging.getLogger(__name__)
 # Lower bounds of encoded size per pixel for the up-front checks (a job certain to overflow is

@@ -14,23 +14,19 @@ new file needs a new URL (as with hub revisions and CivitAI version ids).
 from __future__ import annotations
 
 import hashlib
-import http.client
 import os
 import re
-import socket
 import ssl
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
 
 from cachetools import LRUCache
 
-from serving.errors import JobError
-from serving.reference_image import check_public_address
+from serving import public_fetch
+from serving.public_fetch import FetchError, FetchLimits
 
 SUFFIX = ".safetensors"
 MAX_REDIRECTS = 3
@@ -62,103 +58,8 @@ class LoraFile:
         return self.data if self.data is not None else self.location.read_bytes()
 
 
-@dataclass(frozen=True)
-class FetchLimits:
-    max_bytes: int
-    timeout_s: float
-    max_redirects: int = MAX_REDIRECTS
-
-
-# -- https --------------------------------------------------------------------------------------
-def public_address(address: str) -> None:
-    """Refuses loopback, private, link-local and other non-global targets (reference_image's rule)."""
-    try:
-        check_public_address(address)
-    except JobError:
-        raise LoraSourceError("URL must point to a public address") from None
-
-
-class _CheckedAddressConnection(http.client.HTTPSConnection):
-    """TLS to the address that passed the check, with the certificate verified for the URL's host."""
-
-    def __init__(self, host: str, port: int, address: str, timeout: float, context: ssl.SSLContext) -> None:
-        super().__init__(host, port, timeout=timeout, context=context)
-        self.checked_address = address
-        self.tls_socket: ssl.SSLSocket | None = None  # kept: http.client lets go of `sock` on "Connection: close"
-
-    def connect(self) -> None:
-        raw = socket.create_connection((self.checked_address, self.port), timeout=self.timeout)
-        self.sock = self.tls_socket = self._context.wrap_socket(raw, server_hostname=self.host)
-
-
-def fetch_https(
-    url: str, limits: FetchLimits, check_address: Callable[[str], None] = public_address,
-    context: ssl.SSLContext | None = None,
-) -> bytes:
-    """GET `url` within `limits`: https only, every resolved address checked, bounded redirects,
-    size checked on the declared length and again while reading, one deadline for everything."""
-    deadline = time.monotonic() + limits.timeout_s
-    context = context or ssl.create_default_context()
-    for _ in range(limits.max_redirects + 1):
-        try:
-            parts = urlsplit(url)
-            host, port = parts.hostname, parts.port or 443
-        except ValueError:
-            raise LoraSourceError("is not a valid URL") from None
-        if parts.scheme != "https" or not host:
-            raise LoraSourceError("URLs must use https")
-        try:
-            addresses = {info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
-        except (socket.gaierror, UnicodeError):
-            raise LoraSourceError("URL host does not resolve") from None
-        for address in sorted(addresses):
-            check_address(address)
-        connection = _CheckedAddressConnection(host, port, min(addresses), limits.timeout_s, context)
-        try:
-            connection.timeout = _left(deadline)
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            connection.request("GET", target, headers={"User-Agent": "z-image-worker"})
-            response = connection.getresponse()
-            if response.status in (301, 302, 303, 307, 308):
-                url = urljoin(url, response.getheader("Location") or "")
-                continue
-            if response.status != 200:
-                raise LoraSourceError(f"URL answered HTTP {response.status}")
-            return _read_bounded(response, connection, limits.max_bytes, deadline)
-        except (OSError, http.client.HTTPException):
-            if time.monotonic() >= deadline:
-                raise LoraSourceError(f"download took longer than {limits.timeout_s:g} s") from None
-            raise LoraSourceError("URL could not be fetched") from None
-        finally:
-            connection.close()
-    raise LoraSourceError(f"URL redirected more than {limits.max_redirects} times")
-
-
-def _left(deadline: float) -> float:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise TimeoutError
-    return remaining
-
-
 def _too_big(max_bytes: int) -> LoraSourceError:
     return LoraSourceError(f"must be at most {max_bytes / 2**20:g} MB")
-
-
-def _read_bounded(response, connection: http.client.HTTPSConnection, max_bytes: int, deadline: float) -> bytes:
-    declared = response.getheader("Content-Length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise _too_big(max_bytes)
-    chunks, total = [], 0
-    while True:
-        connection.tls_socket.settimeout(_left(deadline))
-        chunk = response.read1(_CHUNK) if hasattr(response, "read1") else response.read(_CHUNK)
-        if not chunk:
-            return b"".join(chunks)
-        total += len(chunk)
-        if total > max_bytes:
-            raise _too_big(max_bytes)
-        chunks.append(chunk)
 
 
 # -- the disk cache -----------------------------------------------------------------------------
@@ -253,7 +154,7 @@ class LoraSource:
     """Resolves a job's `path` to a LoraFile; raises LoraSourceError with a client-facing rule."""
 
     def __init__(
-        self, config: LoraSourceConfig, check_address: Callable[[str], None] = public_address,
+        self, config: LoraSourceConfig, check_address: Callable[[str], None] | None = None,
         context: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
@@ -274,8 +175,11 @@ class LoraSource:
             raise LoraSourceError("URLs are disabled on this endpoint")
         if self.cache is not None and (hit := self.cache.lookup(url)) is not None:
             return hit
-        data = fetch_https(url, FetchLimits(self.config.max_bytes, self.config.fetch_timeout_s),
-                           self._check_address, self._context)
+        try:
+            data = public_fetch.fetch_https(url, FetchLimits(self.config.max_bytes, self.config.fetch_timeout_s),
+                                            check_address=self._check_address, context=self._context)
+        except FetchError as err:
+            raise LoraSourceError(err.rule) from None
         if self.cache is not None and len(data) <= self.cache.max_bytes:
             return self.cache.store(url, data)
         return LoraFile(hashlib.sha256(data).hexdigest(), len(data), cache_hit=False, data=data)

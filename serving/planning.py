@@ -19,7 +19,8 @@ from serving.modes import ModeChoice, Modes
 from serving.outputs import effective_quality, image_entry
 from serving.schema import MAX_SEED, GenerateRequest
 from serving.settings import Settings
-from serving.storage import ImageStore, StorageConfigError
+from serving.storage import ImageStore
+from serving.storage_config import StorageConfigError
 
 
 def spec_fields(spec: Any) -> dict[str, Any]:

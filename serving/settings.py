@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from serving.storage import MAX_URL_TTL_S, StorageConfig, StorageConfigError, default_region
+from serving.storage_config import MAX_URL_TTL_S, StorageConfig, StorageConfigError, default_region
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _AWS_VHOST = re.compile(r"^(?P<bucket>[^.]+)\.s3([.-][a-z0-9-]+)?\.amazonaws\.com$")

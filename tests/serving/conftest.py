@@ -18,7 +18,7 @@ import pytest
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from serving.storage import StorageConfig
+from serving.storage_config import StorageConfig
 
 ACCESS_KEY = "AKIATESTSTORAGEKEY01"
 SECRET_KEY = "sEcReT/storage+test+secret+do+not+log"

@@ -29,7 +29,8 @@ from serving.delivery import Delivery, PendingUpload, StorageIO
 from serving.errors import JobError
 from serving.local_run import collect
 from serving.settings import load_settings
-from serving.storage import ImageStore, StorageConfig
+from serving.storage import ImageStore
+from serving.storage_config import StorageConfig
 from serving.worker import Worker
 from tests.serving.conftest import (
     ACCESS_KEY,

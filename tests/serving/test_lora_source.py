@@ -183,7 +183,7 @@ def test_size_limit(source, https, route):
 def test_time_limit_covers_the_whole_download(tmp_path, https, client_context):
     slow = LoraSource(config(tmp_path, fetch_timeout_s=0.5), check_address=allow_loopback, context=client_context)
     started = time.monotonic()
-    refused(slow, f"{https.base}/slow", "download took longer than 0.5 s")
+    refused(slow, f"{https.base}/slow", "URL took more than 0.5 s to fetch")
     assert time.monotonic() - started < 2.0  # a byte every 50 ms never resets the clock
 
 

@@ -27,9 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from PIL import Image
 
+from serving import public_fetch
 from serving import reference_image as ref
 from serving.errors import JobError
-from serving.reference_image import check_public_address, decode_image, load_reference_image
+from serving.public_fetch import FetchError, check_public_address
+from serving.reference_image import decode_image, load_reference_image
 
 INVALID = "invalid_reference: reference_image: "
 
@@ -130,7 +132,7 @@ def test_malformed_urls(url):
      "ff02::1"],
 )
 def test_non_public_addresses_are_refused(address):
-    with pytest.raises(JobError, match="URL must point to a public address"):
+    with pytest.raises(FetchError, match="URL must point to a public address"):
         check_public_address(address)
 
 
@@ -139,7 +141,7 @@ def test_non_public_addresses_are_refused(address):
     ["64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b::a00:1", "2002:7f00:1::", "2002:a9fe:a9fe::1", "::127.0.0.1"],
 )
 def test_ipv6_wrapping_a_private_ipv4_is_refused(address):
-    with pytest.raises(JobError, match="URL must point to a public address"):
+    with pytest.raises(FetchError, match="URL must point to a public address"):
         check_public_address(address)
 
 
@@ -152,7 +154,7 @@ def test_public_addresses_pass(address):
     "url", ["https://127.0.0.1/a.png", "https://localhost/a.png", "https://10.0.0.1/a.png",
             "https://169.254.169.254/latest/meta-data/", "https://[::1]/a.png", "https://[::ffff:10.0.0.1]/a.png"])
 def test_urls_to_private_targets_are_refused_before_connecting(url, monkeypatch):
-    monkeypatch.setattr(ref, "_PinnedHTTPSConnection", lambda *a, **k: pytest.fail("connected"))
+    monkeypatch.setattr(public_fetch, "_PinnedHTTPSConnection", lambda *a, **k: pytest.fail("connected"))
     refused(url, "URL must point to a public address")
 
 
@@ -178,7 +180,7 @@ def web(monkeypatch):
         return [(2, 1, 6, "", (address, port)) for address in state["dns"][host]]
 
     class Connection:
-        def __init__(self, host, address, port, deadline):
+        def __init__(self, host, address, port, deadline, context=None):
             self.host, self.address = host, address
             state["connected"].append((host, address))
 
@@ -191,8 +193,8 @@ def web(monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(ref.socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr(ref, "_PinnedHTTPSConnection", Connection)
+    monkeypatch.setattr(public_fetch.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(public_fetch, "_PinnedHTTPSConnection", Connection)
     return state
 
 
@@ -321,11 +323,11 @@ def https_host(tmp_path: Path, monkeypatch) -> Iterator[Host]:
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    public = ref.check_public_address
+    public = public_fetch.check_public_address
     monkeypatch.setattr(
-        ref, "check_public_address", lambda address: None if address == "127.0.0.1" else public(address)
+        public_fetch, "check_public_address", lambda address: None if address == "127.0.0.1" else public(address)
     )
-    monkeypatch.setattr(ref, "_tls_context", lambda: ssl.create_default_context(cafile=str(cert_path)))
+    monkeypatch.setattr(public_fetch, "_tls_context", lambda: ssl.create_default_context(cafile=str(cert_path)))
     try:
         yield host
     finally:

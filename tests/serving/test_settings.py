@@ -11,7 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from serving.settings import REPO_ROOT, Settings, SettingsError, load_settings
-from serving.storage import StorageConfig
+from serving.storage_config import StorageConfig
 
 DOC = (REPO_ROOT / "docs" / "CONFIGURATION.md").read_text()
 ROW = re.compile(r"^\| `([A-Z0-9_]+)` \| ([^|]*) \|", re.MULTILINE)

@@ -14,17 +14,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 
-from serving.storage import (
-    CACHE_CONTROL,
-    ImageStore,
-    StorageConfig,
-    StorageConfigError,
-    StorageError,
-    default_region,
-    get_client,
-    result_cache_key,
-    storage_config_from_job,
-)
+from serving.storage import CACHE_CONTROL, ImageStore, StorageError, get_client, result_cache_key
+from serving.storage_config import StorageConfig, StorageConfigError, default_region, storage_config_from_job
 from tests.serving.conftest import ACCESS_KEY, SECRET_KEY, FaultProxy
 
 PNG = b"\x89PNG\r\n\x1a\n" + os.urandom(4096)
