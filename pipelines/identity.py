@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections import OrderedDict
 from pathlib import Path
 
 import cv2
@@ -23,6 +22,7 @@ from torch.nn import functional as F
 from models.eva_clip import EVAVisionTower
 from models.face_parsing import BiSeNet
 from models.pulid_modules import IDFormer
+from pipelines.counting_cache import CountingLRU
 
 ALIGN_SIZE = 512
 # facexlib's FFHQ template at 512x512: left eye, right eye, nose tip, left and right mouth corner
@@ -141,29 +141,10 @@ def image_key(rgb: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-class IdentityCache:
-    """Bounded LRU of identity embeddings: a profile set reuses one reference for many jobs."""
-
-    def __init__(self, max_entries: int = 32) -> None:
-        self.max_entries = max_entries
-        self.hits = 0
-        self.misses = 0
-        self._entries: OrderedDict[str, IdentityEmbedding] = OrderedDict()
+class IdentityCache(CountingLRU[IdentityEmbedding]):
+    """Identity embeddings by reference image: a profile set reuses one reference for many jobs."""
 
     def get(self, key: str) -> IdentityEmbedding | None:
         """The cached embedding marked ``from_cache``, or None (counted as a miss)."""
-        if key not in self._entries:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._entries.move_to_end(key)
-        return dataclasses.replace(self._entries[key], from_cache=True)
-
-    def put(self, key: str, embedding: IdentityEmbedding) -> None:
-        self._entries[key] = embedding
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        found = super().get(key)
+        return None if found is None else dataclasses.replace(found, from_cache=True)

@@ -15,16 +15,15 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from threading import Lock
 from typing import Any
 from collections.abc import Hashable
 
 import numpy as np
 import torch
-from cachetools import LRUCache
 
 from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
+from pipelines.counting_cache import CountingLRU
 from pipelines.engine import BatchResult, ImageItem, ModelIdentity, StopCheck
 from pipelines.lora import MixedLoraLayers
 from pipelines.samplers import danrisi_sigmas, danrisi_start_noise, sample_danrisi, sample_euler, simple_sigmas
@@ -85,30 +84,6 @@ def pick_device(preference: str) -> str:
     return preference
 
 
-class PromptEmbeddingCache:
-    """Bounded LRU of text encodings keyed by the exact text: one character prompt, encoded once."""
-
-    def __init__(self, capacity: int) -> None:
-        self._entries: LRUCache[str, torch.Tensor] | None = LRUCache(capacity) if capacity > 0 else None
-        self._lock = Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, text: str) -> torch.Tensor | None:
-        with self._lock:
-            value = None if self._entries is None else self._entries.get(text)
-            if value is None:
-                self.misses += 1
-            else:
-                self.hits += 1
-            return value
-
-    def put(self, text: str, value: torch.Tensor) -> None:
-        if self._entries is not None:
-            with self._lock:
-                self._entries[text] = value
-
-
 class ZImageEngine:
     """One warm Z-Image pipeline; `generate` runs one batch through encode → denoise → decode."""
 
@@ -120,7 +95,7 @@ class ZImageEngine:
         self.identity = identity
         self.device = torch.device(device)
         self.dtype = pipe.transformer.dtype
-        self.prompt_cache = PromptEmbeddingCache(prompt_cache_size)
+        self.prompt_cache: CountingLRU[torch.Tensor] = CountingLRU(prompt_cache_size)  # by exact text
         self.load_seconds = 0.0
         self.startup_ms: dict[str, float] = {}
         self.acceleration = AccelerationReport()

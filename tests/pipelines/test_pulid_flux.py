@@ -105,7 +105,7 @@ def test_identity_cache_hit(pipe):
 
 
 def test_identity_cache_evicts_least_recently_used():
-    cache = IdentityCache(max_entries=2)
+    cache = IdentityCache(2)
     entry = IdentityEmbedding(tokens=torch.zeros(1), bbox=(0, 0, 1, 1))
     cache.put("a", entry)
     cache.put("b", entry)
