@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import datetime
 import io
-import ipaddress
 import ssl
 import struct
 import threading
@@ -21,10 +19,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from PIL import Image
 
 from serving import public_fetch
@@ -32,6 +26,7 @@ from serving import reference_image as ref
 from serving.errors import JobError
 from serving.public_fetch import FetchError, check_public_address
 from serving.reference_image import decode_image, load_reference_image
+from tests.serving.conftest import self_signed_certificate
 
 INVALID = "invalid_reference: reference_image: "
 
@@ -244,26 +239,6 @@ def test_fetch_size_status_and_content_are_checked(web):
 
 
 # -- fetching from real HTTPS servers on loopback -------------------------------------------------
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 (and its key), which the tests' TLS context trusts."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 @dataclass
 class Host:
     """An HTTPS server on 127.0.0.1. Paths: /photo.png answers at once; /drip-body and /drip-headers
