@@ -165,9 +165,10 @@ def _compiled_generation(cache_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("max_batch, runs", [
-    (1, ["batch 1", "batch 1, long prompt", "batch 1, LoRA"]),
+    (1, ["batch 1", "batch 1, long prompt", "batch 1, LoRA rank 8", "batch 1, LoRA rank 16"]),
     # batch 2's symbolic graph serves 3..12
-    (12, ["batch 1", "batch 2", "batch 1, long prompt", "batch 1, LoRA", "batch 2, LoRA"]),
+    (12, ["batch 1", "batch 2", "batch 1, long prompt", "batch 1, LoRA rank 8", "batch 2, LoRA rank 8",
+          "batch 1, LoRA rank 16", "batch 2, LoRA rank 16"]),
 ])
 def test_warm_up_runs_the_shapes_that_compile_and_no_more(demo_dir, max_batch, runs):
     engine = ZImageEngine.load(demo_dir, "cpu")
