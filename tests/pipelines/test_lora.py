@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save
 
 from models.z_image_demo import ensure_demo_model
+from pipelines.acceleration import RECOMPILE_LIMIT
 from pipelines.lora import LoraCache, LoraError, MixedLoraLayers, load_lora
 from pipelines.z_image import BatchSpec, ImageItem, ZImageEngine
 from tests.conftest import ROOT, assert_regenerates
@@ -300,14 +301,12 @@ def test_adapter_cache_is_bounded_by_count_and_reports_hits(layers):
 
 
 # -- compile -------------------------------------------------------------------------------------
-def test_compiled_blocks_switch_loras_batches_and_cfg_without_recompiling(restore_attention_backend, monkeypatch):
+@torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)  # as compile_blocks sets it (and restored after)
+def test_compiled_blocks_switch_loras_batches_and_cfg_without_recompiling(restore_attention_backend):
     """Regional compile as the worker does it (fullgraph, automatic dynamic), traced by dynamo with
     the eager backend (the recompiles are dynamo's; Inductor would only slow this test down)."""
     from torch._dynamo.utils import counters
 
-    from pipelines.acceleration import RECOMPILE_LIMIT
-
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", RECOMPILE_LIMIT)  # as compile_blocks sets it
     engine = ZImageEngine.load(ensure_demo_model(DEMO_DIR), "cpu")
     layers = engine.lora_layers
     first, second, third = (
