@@ -9,13 +9,12 @@ about internal hosts.
 from __future__ import annotations
 
 import re
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
-from serving.public_fetch import check_public_address
+from serving.public_fetch import check_public_address, resolve_checked
 
 # SigV4 presigned URLs cannot live longer than 7 days on any S3-compatible service.
 MAX_URL_TTL_S = 604800
@@ -170,10 +169,7 @@ def _check_public_endpoint(endpoint_url: str) -> None:
     answers public here and private a moment later (rebinding) is not stopped by this check.
     """
     parts = urlsplit(endpoint_url)
-    refusal = StorageConfigError(PUBLIC_ONLY, field="s3Config.endpointUrl")
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-        for info in infos:
-            check_public_address(info[4][0])
-    except (OSError, UnicodeError, ValueError):  # FetchError is a ValueError
-        raise refusal from None
+        resolve_checked(parts.hostname, parts.port or 443, check_public_address)
+    except (OSError, ValueError):  # FetchError (no answer, not public) is a ValueError
+        raise StorageConfigError(PUBLIC_ONLY, field="s3Config.endpointUrl") from None
