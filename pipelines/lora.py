@@ -47,7 +47,8 @@ FORMATS = ("diffusers", "peft", "ai-toolkit", "comfyui", "kohya")
 
 
 class LoraError(ValueError):
-    """A LoRA file that cannot be used with this model; `rule` is the client-facing reason."""
+    """A LoRA that cannot be used: its file does not fit this model, or its path gives no file
+    (serving/lora_source.py); `rule` is the client-facing reason."""
 
     def __init__(self, rule: str) -> None:
         self.rule = rule

@@ -11,7 +11,7 @@ from typing import Any
 
 from pipelines.lora import FORMATS, LoraAdapter, LoraCache, LoraError, MixedLoraLayers, load_lora
 from serving.errors import JobError
-from serving.lora_source import LoraSource, LoraSourceConfig, LoraSourceError
+from serving.lora_source import LoraSource, LoraSourceConfig
 from serving.schema import MAX_LORA_SCALE, MAX_LORAS, LoraRef
 from serving.settings import Settings
 
@@ -37,7 +37,7 @@ class LoraLoader:
             file = self.source.resolve(ref.path)
             adapter, adapter_hit = self.adapters.get_or_load(
                 file.sha256, lambda: load_lora(file.read(), self.layers, sha256=file.sha256))
-        except (LoraSourceError, LoraError) as err:
+        except LoraError as err:
             raise JobError("invalid_lora", err.rule, field=f"loras[{index}]") from None
         report = {"index": index, "sha256": adapter.sha256, "scale": ref.scale, "format": adapter.source_format,
                   "download_cache_hit": file.cache_hit, "adapter_cache_hit": adapter_hit}

@@ -25,21 +25,13 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
+from pipelines.lora import LoraError
 from serving import public_fetch
 from serving.public_fetch import FetchError, FetchLimits
 
 SUFFIX = ".safetensors"
-MAX_REDIRECTS = 3
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class LoraSourceError(ValueError):
-    """The path cannot give a LoRA file; `rule` is the client-facing reason."""
-
-    def __init__(self, rule: str) -> None:
-        self.rule = rule
-        super().__init__(rule)
 
 
 @dataclass(frozen=True)
@@ -58,8 +50,8 @@ class LoraFile:
         return self.data if self.data is not None else self.location.read_bytes()
 
 
-def _too_big(max_bytes: int) -> LoraSourceError:
-    return LoraSourceError(f"must be at most {max_bytes / 2**20:g} MB")
+def _too_big(max_bytes: int) -> LoraError:
+    return LoraError(f"must be at most {max_bytes / 2**20:g} MB")
 
 
 # -- the disk cache -----------------------------------------------------------------------------
@@ -151,7 +143,8 @@ class LoraSourceConfig:
 
 
 class LoraSource:
-    """Resolves a job's `path` to a LoraFile; raises LoraSourceError with a client-facing rule."""
+    """Resolves a job's `path` to a LoraFile; raises LoraError, as a file that does not fit the model
+    does."""
 
     def __init__(
         self, config: LoraSourceConfig, check_address: Callable[[str], None] | None = None,
@@ -170,16 +163,16 @@ class LoraSource:
 
     def _from_url(self, url: str) -> LoraFile:
         if not url.startswith("https://"):
-            raise LoraSourceError("URLs must use https")
+            raise LoraError("URLs must use https")
         if not self.config.allow_urls:
-            raise LoraSourceError("URLs are disabled on this endpoint")
+            raise LoraError("URLs are disabled on this endpoint")
         if self.cache is not None and (hit := self.cache.lookup(url)) is not None:
             return hit
         try:
             data = public_fetch.fetch_https(url, FetchLimits(self.config.max_bytes, self.config.fetch_timeout_s),
                                             check_address=self._check_address, context=self._context)
         except FetchError as err:
-            raise LoraSourceError(err.rule) from None
+            raise LoraError(err.rule) from None
         if self.cache is not None and len(data) <= self.cache.max_bytes:
             return self.cache.store(url, data)
         return LoraFile(hashlib.sha256(data).hexdigest(), len(data), cache_hit=False, data=data)
@@ -187,23 +180,23 @@ class LoraSource:
     def _from_dir(self, name: str) -> LoraFile:
         root = self.config.lora_dir
         if root is None:
-            raise LoraSourceError("LORA_DIR is not set on this endpoint: use an https URL")
+            raise LoraError("LORA_DIR is not set on this endpoint: use an https URL")
         if not name or name.startswith(("/", "\\", "~")) or "\\" in name or "\x00" in name:
-            raise LoraSourceError("must be a file name inside LORA_DIR")
+            raise LoraError("must be a file name inside LORA_DIR")
         if any(part in ("", ".", "..") for part in name.split("/")):
-            raise LoraSourceError("must be a file name inside LORA_DIR (no '.' or '..' parts)")
+            raise LoraError("must be a file name inside LORA_DIR (no '.' or '..' parts)")
         if not name.endswith(SUFFIX):
-            raise LoraSourceError(f"must be a {SUFFIX} file")
+            raise LoraError(f"must be a {SUFFIX} file")
         base = root.resolve()
         target = (base / name).resolve()
         if not target.is_relative_to(base):
-            raise LoraSourceError("must be a file name inside LORA_DIR")
+            raise LoraError("must be a file name inside LORA_DIR")
         try:
             stat = target.stat()
         except OSError:
-            raise LoraSourceError("no such file in LORA_DIR") from None
+            raise LoraError("no such file in LORA_DIR") from None
         if not target.is_file():
-            raise LoraSourceError("no such file in LORA_DIR")
+            raise LoraError("no such file in LORA_DIR")
         if stat.st_size > self.config.max_bytes:
             raise _too_big(self.config.max_bytes)
         identity = (str(target), stat.st_ino, stat.st_size, stat.st_mtime_ns)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.lora_source import DiskCache, LoraSource, LoraSourceConfig, LoraSourceError
+from pipelines.lora import LoraError
+from serving.lora_source import DiskCache, LoraSource, LoraSourceConfig
 from tests.serving.conftest import self_signed_certificate
 
 PAYLOAD = os.urandom(4096)
@@ -125,7 +126,7 @@ def source(tmp_path, client_context) -> LoraSource:
 
 
 def refused(source: LoraSource, path: str, rule: str) -> None:
-    with pytest.raises(LoraSourceError) as caught:
+    with pytest.raises(LoraError) as caught:
         source.resolve(path)
     assert caught.value.rule.startswith(rule), caught.value.rule
 
