@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from pipelines.img2img import InitImage
 
 StopCheck = Callable[[], bool]
 _batch_ids = itertools.count(1)
@@ -27,12 +30,14 @@ class SamplingStopped(Exception):
 @dataclass(frozen=True)
 class ImageItem:
     """One image to make: its own prompt, negative prompt, seed, and adapters (LoRA, scale) that
-    apply to it alone (images with different adapters share a call: pipelines/lora.py)."""
+    apply to it alone (images with different adapters share a call: pipelines/lora.py); for
+    image-to-image, the image (and mask) it starts from (pipelines/img2img.py)."""
 
     prompt: str
     negative_prompt: str
     seed: int
     loras: tuple[tuple[Any, float], ...] = ()
+    init: InitImage | None = field(default=None, compare=False)
 
 
 @dataclass

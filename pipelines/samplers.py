@@ -20,6 +20,7 @@ from scipy.stats import beta as beta_distribution
 from pipelines.engine import SamplingStopped, StopCheck
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+StepHook = Callable[[torch.Tensor, float], torch.Tensor]  # x at a step's end, its sigma -> x (inpainting's blend)
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -36,12 +37,15 @@ def simple_sigmas(steps: int, shift: float) -> torch.Tensor:
     return _with_terminal_zero(shift_sigmas(torch.linspace(1.0, 1.0 / steps, steps), shift))
 
 
-def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck) -> torch.Tensor:
+def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck,
+                 after_step: StepHook | None = None) -> torch.Tensor:
     """Flow-match Euler: one model call per step."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         if should_stop():
             raise SamplingStopped
         x = x + (sigma_next - sigma) * velocity(x, sigma)
+        if after_step is not None:
+            x = after_step(x, sigma_next)
     return x
 
 
@@ -139,7 +143,8 @@ def _renoise(denoised: torch.Tensor, eps: torch.Tensor, sigma: float, eta: float
 
 def sample_danrisi(
     noise: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck, *,
-    seeds: Sequence[int], eta: float = DANRISI_ETA,
+    seeds: Sequence[int], eta: float = DANRISI_ETA, start: torch.Tensor | None = None,
+    after_step: StepHook | None = None,
 ) -> torch.Tensor:
     """RES4LYF 46de917's linear/ralston_2s with SDE noise and bongmath, on `danrisi_sigmas`.
 
@@ -150,13 +155,14 @@ def sample_danrisi(
     while sigma > 0.03 the step's start is re-solved so the re-noised 2/3 point is an exact stage
     from it (bongmath). The last model call, at sigmas[-2] (sigma_min), returns its denoised
     estimate: 2N + 1 calls for N steps. The noise generators live only in this call, so a re-run
-    replays the same noise and a batch gives each image what it gets alone.
+    replays the same noise and a batch gives each image what it gets alone. `start` replaces
+    sigmas[0] * noise as the start latent (image-to-image); `after_step` sees x at each step's end.
     """
     if len(seeds) != noise.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {noise.shape[0]} images")
     levels = [float(sigma) for sigma in sigmas]
-    if len(levels) < 3 or levels[-1] != 0.0:
-        raise ValueError("a danrisi schedule ends with sigma_min, 0")
+    if len(levels) < 2 or levels[-1] != 0.0:
+        raise ValueError("a danrisi schedule ends with its last model call's sigma, then 0")
     sde = _SdeNoise(seeds, noise) if eta > 0 else None
 
     def denoised(x_in: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -164,7 +170,7 @@ def sample_danrisi(
             raise SamplingStopped
         return x_in - sigma * velocity(x_in, torch.tensor(sigma, dtype=x_in.dtype))
 
-    x = levels[0] * noise
+    x = levels[0] * noise if start is None else start
     for sigma, sigma_next in pairwise(levels[:-1]):
         h = sigma_next - sigma
         sigma_mid = sigma + RALSTON_C2 * h
@@ -182,4 +188,7 @@ def sample_danrisi(
             x = x + h * eps
         else:
             x = _renoise(x - sigma * eps, eps, sigma_next, eta, sde.step())
-    return denoised(x, levels[-2])
+        if after_step is not None:
+            x = after_step(x, sigma_next)
+    final = denoised(x, levels[-2])
+    return final if after_step is None else after_step(final, 0.0)

@@ -25,6 +25,9 @@ from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.counting_cache import CountingLRU
 from pipelines.engine import BatchResult, ImageItem, ModelIdentity, StopCheck
+from pipelines.img2img import (
+    BatchStart, Blend, danrisi_row_start, danrisi_schedule, latent_mask, simple_row_start, start_index,
+)
 from pipelines.lora import MixedLoraLayers
 from pipelines.samplers import danrisi_sigmas, danrisi_start_noise, sample_danrisi, sample_euler, simple_sigmas
 
@@ -61,6 +64,7 @@ class BatchSpec:
     guidance_scale: float
     workflow: str
     eta: float | None = None  # danrisi's SDE noise share; the simple workflow has none
+    strength: float | None = None  # image-to-image: how far down its schedule each image starts
 
     @property
     def cfg(self) -> bool:
@@ -126,7 +130,8 @@ class ZImageEngine:
         """Images merge only when their texts pad alike, so a merged batch runs the model on the
         same token layout as each image alone (no cross-image attention padding)."""
         texts = [item.prompt] + ([item.negative_prompt] if spec.cfg else [])
-        return (spec, tuple(self.text_length_bucket(t) for t in texts))
+        inpainting = item.init is not None and item.init.mask is not None  # a blend after each step
+        return (spec, tuple(self.text_length_bucket(t) for t in texts), inpainting)
 
     def activation_bytes(self, spec: BatchSpec) -> float:
         """Peak activation memory of one image of `spec` on the GPU (CFG runs a second forward)."""
@@ -227,22 +232,60 @@ class ZImageEngine:
 
         return velocity
 
+    def schedule(self, workflow: str, steps: int) -> torch.Tensor:
+        """The workflow's whole sigma schedule (text-to-image rows run all of it)."""
+        shift = float(self.pipe.scheduler.config.get("shift", 3.0))
+        return danrisi_sigmas(steps, shift) if workflow == "z-image-danrisi" else simple_sigmas(steps, shift)
+
     @torch.no_grad()
     def denoise(
         self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None, spec: BatchSpec,
-        should_stop: StopCheck, seeds: list[int],
+        should_stop: StopCheck, seeds: list[int], start: BatchStart | None = None,
     ) -> torch.Tensor:
-        """The sampling loop. If the compiled blocks fail to compile (at warm-up, or for a shape
+        """The sampling loop, from `noise`, or for image-to-image rows from `start` part-way down
+        the schedule. If the compiled blocks fail to compile (at warm-up, or for a shape
         first seen in a job), the engine turns eager for good and samples again from the same noise
         (danrisi's SDE noise too: its generators are made inside the sampler, from `seeds`)."""
-        shift = float(self.pipe.scheduler.config.get("shift", 3.0))
         velocity = self.velocity_function(text, negative, spec.guidance_scale)
+        sigmas = self.schedule(spec.workflow, spec.steps) if start is None else start.sigmas
+        after_step = None if start is None else start.blend
         if spec.workflow == "z-image-danrisi":
-            sample = partial(sample_danrisi, noise, danrisi_sigmas(spec.steps, shift), velocity, should_stop,
-                             seeds=seeds, eta=spec.eta)
+            sample = partial(sample_danrisi, noise, sigmas, velocity, should_stop, seeds=seeds, eta=spec.eta,
+                             start=None if start is None else start.x, after_step=after_step)
         else:
-            sample = partial(sample_euler, noise, simple_sigmas(spec.steps, shift), velocity, should_stop)
+            sample = partial(sample_euler, noise if start is None else start.x, sigmas, velocity, should_stop,
+                             after_step)
         return with_compile_fallback(sample, self.pipe.transformer, self.acceleration)
+
+    # -- image-to-image and inpainting (pipelines/img2img.py) ----------------------------------
+    @torch.no_grad()
+    def image_start(self, items: list[ImageItem], spec: BatchSpec) -> BatchStart:
+        """Each row's VAE-encoded image noised to where its strength enters the schedule (the
+        encoder runs once per distinct image: a job's variations share theirs)."""
+        vae = self.pipe.vae
+        sigmas = self.schedule(spec.workflow, spec.steps)
+        if spec.workflow == "z-image-danrisi":
+            sigmas = danrisi_schedule(sigmas, spec.strength)
+        else:
+            sigmas = sigmas[start_index(spec.steps, spec.strength):]
+        posteriors: dict[int, Any] = {}
+        rows = []
+        for item in items:
+            if id(item.init) not in posteriors:
+                pixels = item.init.pixels.to(self.device, vae.dtype)
+                posteriors[id(item.init)] = vae.encode(pixels).latent_dist
+            posterior = posteriors[id(item.init)]
+            if spec.workflow == "z-image-danrisi":
+                rows.append(danrisi_row_start(posterior, vae.config, item.seed, float(sigmas[0])))
+            else:
+                rows.append(simple_row_start(posterior, vae.config, item.seed, sigmas[0], self.device))
+        x = torch.cat([row.x for row in rows]).float()
+        if items[0].init.mask is None:
+            return BatchStart(x, sigmas)
+        masks = [latent_mask(item.init.mask, row.latents) for item, row in zip(items, rows)]
+        blend = Blend(torch.cat([row.latents for row in rows]), torch.cat([row.noise for row in rows]),
+                      torch.cat(masks))
+        return BatchStart(x, sigmas, blend)
 
     # -- stage 3: pixels ------------------------------------------------------------------------
     @torch.no_grad()
@@ -270,9 +313,14 @@ class ZImageEngine:
         negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
         started = mark("text_encoding", started)
         seeds = [item.seed for item in items]
-        noise = self.initial_noise(seeds, spec.width, spec.height, spec.workflow)
+        if spec.strength is None:
+            start, noise = None, self.initial_noise(seeds, spec.width, spec.height, spec.workflow)
+        else:
+            start = self.image_start(items, spec)
+            noise = start.x  # danrisi's SDE noise takes its shape and device
+            started = mark("vae_encoding", started)
         with self.lora_layers.active([item.loras for item in items]):
-            latents = self.denoise(noise, text, negative, spec, should_stop, seeds)
+            latents = self.denoise(noise, text, negative, spec, should_stop, seeds, start)
         started = mark("denoising", started)
         images = self.decode(latents)
         mark("decoding", started)
