@@ -19,7 +19,7 @@ from pipelines.samplers import DANRISI_ETA, DANRISI_REFERENCE_STEPS
 from pipelines.z_image import BatchSpec, ZImageEngine
 from serving.errors import JobError
 from serving.lora_loading import LoraLoader
-from serving.reference_image import load_reference_image
+from serving.input_image import load_reference_image
 from serving.schema import MODE_DEFAULTS, GenerateRequest
 from serving.settings import Settings
 

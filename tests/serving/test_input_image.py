@@ -1,4 +1,5 @@
-"""serving.reference_image: everything from outside is bounded and checked before it is used."""
+"""serving.input_image: everything from outside is bounded and checked before it is used (shown
+here for the reference photo; init and mask images take the same path, tests/serving/test_init_image.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import pytest
 from PIL import Image
 
 from serving import public_fetch
-from serving import reference_image as ref
+from serving import input_image as ref
 from serving.errors import JobError
 from serving.public_fetch import FetchError, check_public_address
-from serving.reference_image import decode_image, load_reference_image
+from serving.input_image import decode_image, load_reference_image
 from tests.serving.conftest import self_signed_certificate
 
 INVALID = "invalid_reference: reference_image: "
