@@ -26,6 +26,7 @@ class JobOutcome:
     image_errors: dict[int, str] = field(default_factory=dict)
     job_failures: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+    first_image: str | None = field(default=None, repr=False)  # image 0 (base64 or URL), kept in memory only
 
     def fail(self, kind: str, reason: str) -> None:
         self.job_failures.append({"job_id": self.id, "kind": kind, "reason": reason[:MAX_ERROR_CHARS]})
@@ -57,7 +58,11 @@ def _take_chunk(outcome: JobOutcome, chunk: Any, at_ms: float) -> None:
     if not isinstance(chunk, dict):
         return
     if isinstance(chunk.get("image"), dict):
-        outcome.image_arrival_ms.setdefault(int(chunk["image"].get("index", len(outcome.image_arrival_ms))), at_ms)
+        image = chunk["image"]
+        index = int(image.get("index", len(outcome.image_arrival_ms)))
+        outcome.image_arrival_ms.setdefault(index, at_ms)
+        if index == 0 and outcome.first_image is None:  # a profile set from the base image starts from it
+            outcome.first_image = image.get("base64") or image.get("url")
     if isinstance(chunk.get("image_error"), dict):
         err = chunk["image_error"]
         reason = f"{err.get('code')}: {err.get('message')}"[:MAX_ERROR_CHARS]
