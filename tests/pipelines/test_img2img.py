@@ -90,11 +90,12 @@ def test_rows_of_different_images_and_seeds_batch_like_each_alone(engine):
     assert_differs(batch[0], batch[1])  # each seed its own VAE sample and noise
 
 
-def test_inpainting_keeps_the_kept_latents_exactly(engine):
+@pytest.mark.parametrize("workflow", ["z-image-simple", "z-image-danrisi"])
+def test_inpainting_keeps_the_kept_latents_exactly(engine, workflow):
     """After the last step the kept region (mask 0) is the image's clean latents, the repainted region
-    the sampler's: the blend runs after every step, down to sigma 0."""
+    the sampler's: the blend runs after every step, down to sigma 0 (danrisi: after its last call)."""
     items = [ImageItem("a cat", "", 3, init=_init(mask=MASK_RGB))]
-    spec = _spec(4, 1.0)
+    spec = _spec(4, 1.0, workflow)
     with torch.no_grad():
         start = engine.image_start(items, spec)
         latents = engine.denoise(start.x, engine.encode_prompts(["a cat"]), None, spec, lambda: False, [3], start)

@@ -20,7 +20,9 @@ from serving.errors import JobError
 from serving.init_image import InitImageLoader, size_from_image
 from serving.schema import parse_job_input
 from tests.conftest import assert_differs, assert_regenerates, pixels, run_job
-from tests.serving.test_input_image import https_host, png_claiming  # noqa: F401 - https_host is a fixture
+from tests.serving.test_input_image import (  # noqa: F401 - https_host is a fixture
+    beside_a_dripping_job, https_host, png_claiming,
+)
 
 MAX_PIXELS = 2048 * 2048
 
@@ -145,24 +147,11 @@ def test_a_dripping_mask_host_is_cut_off_at_the_load_deadline(https_host, monkey
 
 def test_a_dripping_init_image_host_does_not_hold_another_job(handler_module, https_host, monkeypatch):  # noqa: F811
     """Job A's init image drips; job B runs to its image meanwhile. Then the host lets go."""
-    from serving.local_run import collect
-
     monkeypatch.setattr(input_image, "FETCH_TIMEOUT_S", 120.0)
     monkeypatch.setattr(init_image, "LOAD_TIMEOUT_S", 120.0)  # A ends when the test releases the host
-    worker = handler_module.WORKER
     small = {"prompt": "a cat", "width": 64, "height": 64, "steps": 1, "seed": 1}
-
-    async def scenario() -> tuple[dict[str, Any], dict[str, Any], bool]:
-        slow = asyncio.create_task(collect(worker.run_job, {"id": "slow-init", "input": {
-            **small, "init_image": f"{https_host.url}/drip-body"}}))
-        while not https_host.dripping.is_set():
-            await asyncio.sleep(0.02)
-        fast = await asyncio.wait_for(collect(worker.run_job, {"id": "fast-text", "input": small}), 300)
-        still_fetching = not slow.done()
-        https_host.release.set()
-        return await slow, fast, still_fetching
-
-    slow, fast, still_fetching = asyncio.run(scenario())
+    slow, fast, still_fetching = beside_a_dripping_job(
+        handler_module.WORKER, https_host, {**small, "init_image": f"{https_host.url}/drip-body"}, small)
     assert fast.get("errors") == [] and len(fast["images"]) == 1, fast
     assert still_fetching
     assert slow["error"].startswith("invalid_image: init_image: "), slow
