@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from pipelines.acceleration import AccelerationPlan, compile_blocks, fp8_target_names, torchao_float8
-from pipelines.engine import ImageItem, ModelIdentity
+from pipelines.engine import ImageItem, ModelIdentity, run_lockstep
 from pipelines.startup import start_engine as start_served_engine
 from pipelines.startup import warm_up
 from pipelines.z_image import ACTIVATION_BYTES_PER_MEGAPIXEL, BatchSpec, ZImageEngine, serving_dtype
@@ -225,7 +225,7 @@ def count_flops(engine: ZImageEngine, batches: tuple[int, ...], side: int, steps
                 workflows: tuple[str, ...], record: Callable[[dict[str, Any]], None]) -> None:
     """The engine's stages on the meta device under FlopCounterMode: every tensor at its real shape,
     no memory and no arithmetic. Text: the encoder's forward at the prompt's token length;
-    denoising: `ZImageEngine.denoise` itself; decoding: the VAE's forward."""
+    denoising: the engine's rows and `step` themselves, in lock-step; decoding: the VAE's forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     pipe = engine.pipe
@@ -241,8 +241,11 @@ def count_flops(engine: ZImageEngine, batches: tuple[int, ...], side: int, steps
             text = list(hidden.to(engine.dtype).unbind(0))
             noise = torch.empty(batch, pipe.transformer.in_channels, latent, latent, device="meta")
             spec = BatchSpec(side, side, steps, 0.0, workflow, 0.5 if workflow == "z-image-danrisi" else None)
+            items = [ImageItem(PROMPT, "", seed) for seed in range(batch)]
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                latents = engine.denoise(noise, text, None, spec, lambda: False, list(range(batch)))
+                rows = engine.make_rows(noise, text, None, items, spec)
+                run_lockstep(rows, engine.step, lambda: False)
+            latents = torch.cat([row.latents for row in rows])
             denoise_flops = counter.get_total_flops()
             vae = pipe.vae
             with FlopCounterMode(display=False) as counter, torch.no_grad():
