@@ -79,7 +79,7 @@ def set_progress_sink(sink: Callable[[dict[str, Any], Any], None]) -> None:
 
 
 def concurrency_modifier(current: int) -> int:
-    """Jobs one worker takes at once; the batcher merges their images on the one GPU."""
+    """Jobs one worker takes at once; the engine loop runs their images on the one GPU."""
     return WORKER.settings.concurrency
 
 

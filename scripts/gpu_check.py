@@ -454,7 +454,7 @@ def phase_serving(ctx: Context) -> None:
                                       eight_images_s=eight["all_images_s"],
                                       eight_images_mfu=mfu(ctx, 8, eight["all_images_s"]))
     finally:
-        worker.batcher.stop()
+        worker.engine_loop.stop()
         worker.encode_pool.shutdown(wait=False)
 
 

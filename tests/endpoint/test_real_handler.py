@@ -53,7 +53,7 @@ def one_image_batches(handler_module: Any, monkeypatch: pytest.MonkeyPatch) -> I
     worker = handler_module.WORKER
     monkeypatch.setattr(worker, "settings", worker.settings.model_copy(update={"max_batch": 1}))
     yield
-    assert worker.batcher.queued_images() == 0  # nothing of the test's jobs left on the "GPU"
+    assert worker.engine_loop.queued_images() == 0  # nothing of the test's jobs left on the "GPU"
 
 
 def _images(output: list[dict[str, Any]]) -> list[int]:
