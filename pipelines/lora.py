@@ -272,9 +272,12 @@ class _CallScales:
     """The one per-call tensor every hooked layer shares: (rows, R) scales, row r holding image
     r mod N's, for `rows` up to a fixed capacity. A compiled graph sees one shape whatever the
     batch (tensors reached from modules keep static shapes under compile); a layer takes the
-    first x.shape[0] rows, which also covers CFG's doubled batch (images, then their negatives)."""
+    first x.shape[0] rows, which also covers CFG's doubled batch (images, then their negatives).
+    `scales` is an instance attribute from the start: dynamo guards on where it is found, so a
+    class default would make the first LoRA call change every graph's guards."""
 
-    scales: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.scales: torch.Tensor | None = None
 
 
 def _add_lora(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -347,9 +350,10 @@ class MixedLoraLayers:
                 self._set(per_image)
                 yield
             finally:
-                self._call.scales = None
-                for module in self.targets.values():
-                    module.lora_down = module.lora_up = None
+                if self._call.scales is not None:  # a call without adapters set nothing (most calls)
+                    self._call.scales = None
+                    for module in self.targets.values():
+                        module.lora_down = module.lora_up = None
 
     def _set(self, per_image: Sequence[AdapterSet]) -> None:
         """Stack the call's distinct adapters along the rank: adapter j owns ranks [o_j, o_j + r_j),
@@ -376,10 +380,11 @@ class MixedLoraLayers:
                     per_row[row, start : start + adapter.rank] += scale
         rows = max(self.max_rows, 1 << (2 * len(per_image) - 1).bit_length())
         mask = per_row.repeat(-(-rows // len(per_image)), 1)[:rows].to(self.device)
-        for name, (down, up) in self._stacks(distinct, offsets, padded).items():
+        stacks = self._stacks(distinct, offsets, padded)
+        self._call.scales = mask  # first: `active` clears the layers' factors whenever scales are set
+        for name, (down, up) in stacks.items():
             layer = self.targets[name]
             layer.lora_down, layer.lora_up = down, up
-        self._call.scales = mask
 
     def _stacks(self, distinct: dict[str, LoraAdapter], offsets: dict[str, int],
                 padded: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

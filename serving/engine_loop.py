@@ -19,65 +19,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import numpy as np
-
 from pipelines.engine import Engine, ImageItem
 from serving.device import synchronize
+from serving.job_ticket import ImageOutcome, JobTicket, JobUsage
 from serving.scheduler import Call, Job, Priority, Scheduler, Slot
 
 log = logging.getLogger(__name__)
-STAGES = ("text_encoding", "denoising", "decoding")
-
-
-@dataclass
-class ImageOutcome:
-    """One image's result as it leaves the GPU: pixels, or an error code and message."""
-
-    index: int
-    seed: int
-    pixels: np.ndarray | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-
-
-@dataclass
-class JobUsage:
-    """What a job's images took on the GPU: each stage's ms summed over the calls they took part in
-    (a call may serve other jobs too), the number of those model calls, and `batch_sizes`: the rows
-    of each run of calls over one set of rows (a group of 4 that a newcomer joined: [4, 5]; rows
-    run two by two: [2, 2]; a group preempted by another job's call and resumed: [4, 4])."""
-
-    timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
-    model_calls: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-    last_rows: frozenset[int] = frozenset()
-
-    def add_call(self, rows: frozenset[int], ms: float) -> None:
-        self.timings_ms["denoising"] += ms
-        self.model_calls += 1
-        if rows != self.last_rows:
-            self.batch_sizes.append(len(rows))
-            self.last_rows = rows
-
-
-@dataclass(eq=False)
-class JobTicket:
-    """A job's place in the loop; `on_outcome` is called from the GPU thread per image."""
-
-    job_id: str
-    engine: Engine
-    spec: Any
-    items: dict[int, ImageItem]
-    on_outcome: Callable[[ImageOutcome], None]
-    job: Job
-    usage: JobUsage = field(default_factory=JobUsage)
-    cancelled: bool = False
-
-
 def _ticket(slot: Slot) -> JobTicket:
     return slot.job.owner
 
@@ -90,7 +40,7 @@ class EngineLoop:
         scheduler: Scheduler,
         max_batch_for: Callable[[Engine, Any], int],
         wait_s: float,
-        decode_batch: int,
+        decode_megapixels: float,
         is_oom: Callable[[BaseException], bool],
         is_fatal: Callable[[BaseException], bool],
         on_fatal: Callable[[BaseException], None],
@@ -100,14 +50,13 @@ class EngineLoop:
         self._clock = clock  # seconds: arrivals, the admission wait and the calls' measured cost
         self._max_batch_for = max_batch_for
         self._wait_s = wait_s
-        self._decode_batch = decode_batch
+        self._decode_pixels = decode_megapixels * 2**20
         self._is_oom = is_oom
         self._is_fatal = is_fatal
         self._on_fatal = on_fatal
         self._tickets: dict[str, JobTicket] = {}
         self._cond = threading.Condition()
         self._stopping = False
-        self._decoded_last = False
         self._thread = threading.Thread(target=self._loop, name="gpu-engine-loop", daemon=True)
         self._thread.start()
 
@@ -120,7 +69,8 @@ class EngineLoop:
         jobs' rows of the same engine and batch key (a job's images all have one)."""
         group = (engine.name, engine.batch_key(spec, items[0][1]))
         calls, weight = engine.model_calls(spec), engine.activation_bytes(spec) / 2**30
-        job = Job(job_id, group, self._clock(), max(1, self._max_batch_for(engine, spec)), priority)
+        job = Job(job_id, group, self._clock(), max(1, self._max_batch_for(engine, spec)), priority,
+                  decode_rows=max(1, int(self._decode_pixels // (spec.width * spec.height))))
         for index, _item in items:
             job.add_slot(index, calls, weight)
         ticket = JobTicket(job_id, engine, spec, dict(items), on_outcome, job)
@@ -173,22 +123,19 @@ class EngineLoop:
                 self._fail(slots, "internal_error", "the worker failed this image")
 
     def _next_work(self) -> Call | list[Slot] | None:
-        """The next model call, or a decode chunk (at most one between two calls); None to stop."""
+        """The scheduler's next model call or decode chunk, once due; None to stop."""
         with self._cond:
             while not self._stopping:
-                call = self._scheduler.next_call()
-                chunk = self._scheduler.next_decode(self._decode_batch)
-                if chunk and (call is None or not self._decoded_last):
-                    self._decoded_last = True
-                    return chunk
-                if call is not None:
-                    wait = self._admission_wait(call)
-                    if wait <= 0:
-                        self._decoded_last = False
-                        return call
-                    self._cond.wait(wait)
-                else:
+                work = self._scheduler.next()
+                if isinstance(work, list):
+                    return work
+                if work is None:
                     self._cond.wait()
+                    continue
+                wait = self._admission_wait(work)
+                if wait <= 0:
+                    return work
+                self._cond.wait(wait)
             return None
 
     def _admission_wait(self, call: Call) -> float:
@@ -213,11 +160,9 @@ class EngineLoop:
             by_job.setdefault(id(slot.job), []).append(slot)
         for members in by_job.values():
             ticket = _ticket(members[0])
-            began = self._clock()
-            rows = self._attempt(partial(self._start_rows, engine, ticket), members, ticket.spec)
-            synchronize(engine)
+            rows, seconds, _ = self._timed(engine, partial(self._start_rows, engine, ticket), members)
             with self._cond:
-                ticket.usage.timings_ms["text_encoding"] += (self._clock() - began) * 1000
+                ticket.usage.timings_ms["text_encoding"] += seconds * 1000
                 for slot, row in rows:
                     row.tag, slot.row, slot.state = slot, row, "started"
 
@@ -226,24 +171,14 @@ class EngineLoop:
         return engine.start([ticket.items[slot.index] for slot in slots], ticket.spec)
 
     def _step(self, slots: list[Slot], engine: Engine) -> None:
-        calls = 0
-
-        def step(batch: list[Slot]) -> None:
-            nonlocal calls
-            calls += 1
-            engine.step([slot.row for slot in batch])
-
-        began = self._clock()
-        ran = [slot for slot, _ in self._attempt(step, slots, _ticket(slots[0]).spec)]
-        synchronize(engine)
-        ms = (self._clock() - began) * 1000
+        done, seconds, once = self._timed(engine, lambda batch: engine.step([slot.row for slot in batch]), slots)
+        ran = [slot for slot, _ in done]
         failed = [(slot, slot.row.error) for slot in ran if slot.row.error is not None]
         with self._cond:
-            # a split or retried call's time is not the cost of a call of these rows
-            self._scheduler.ran(ran, ms / 1000 if calls == 1 else None)
+            self._scheduler.ran(ran, seconds if once else None)
             rows = frozenset(id(slot) for slot in ran)
             for ticket in {id(_ticket(slot)): _ticket(slot) for slot in ran}.values():
-                ticket.usage.add_call(rows, ms)
+                ticket.usage.add_call(rows, seconds * 1000)
             for slot in ran:
                 if slot.row.done and slot.row.error is None:
                     self._scheduler.finished(slot)
@@ -255,16 +190,30 @@ class EngineLoop:
         if not live:
             return
         engine = _ticket(live[0]).engine
-        began = self._clock()
-        done = self._attempt(lambda batch: list(engine.finish([slot.row for slot in batch])), live,
-                             _ticket(live[0]).spec)
-        synchronize(engine)
-        ms = (self._clock() - began) * 1000
+        done, seconds, once = self._timed(engine, lambda batch: list(engine.finish([s.row for s in batch])), live)
         with self._cond:
+            if once and done:
+                self._scheduler.decoded(live, seconds)
             for ticket in {id(_ticket(slot)): _ticket(slot) for slot, _ in done}.values():
-                ticket.usage.timings_ms["decoding"] += ms
+                ticket.usage.timings_ms["decoding"] += seconds * 1000
         for slot, pixels in done:
             self._deliver(slot, ImageOutcome(slot.index, _ticket(slot).items[slot.index].seed, pixels=pixels))
+
+    def _timed(self, engine: Engine, run: Callable[[list[Slot]], Any],
+               slots: list[Slot]) -> tuple[list[tuple[Slot, Any]], float, bool]:
+        """`_attempt`, timed on the device: the pairs that succeeded, the seconds, and whether it took
+        one run (a split or retried call's time is not the cost of one call of these rows)."""
+        runs = 0
+
+        def counted(batch: list[Slot]) -> Any:
+            nonlocal runs
+            runs += 1
+            return run(batch)
+
+        began = self._clock()
+        done = self._attempt(counted, slots, _ticket(slots[0]).spec)
+        synchronize(engine)
+        return done, self._clock() - began, runs == 1
 
     def _attempt(self, run: Callable[[list[Slot]], Any], slots: list[Slot], spec: Any) -> list[tuple[Slot, Any]]:
         """`run(slots)`, which returns one result per slot (or None for all). On failure: out of

@@ -14,7 +14,8 @@ from typing import Any
 from collections.abc import AsyncIterator, Callable
 
 from serving.delivery import Delivered, PendingUpload
-from serving.engine_loop import EngineLoop, ImageOutcome, JobUsage
+from serving.engine_loop import EngineLoop
+from serving.job_ticket import ImageOutcome, JobUsage
 from serving.outputs import effective_quality, encode_image, image_chunk, image_error_chunk
 from serving.planning import JobPlan, model_fields, spec_fields
 

@@ -24,7 +24,7 @@ from serving.errors import JobError
 from serving.job_runner import ProgressSink, run_plan
 from serving.modes import ConsistentMode, FastMode, Modes
 from serving.planning import plan_job
-from serving.scheduler import Scheduler
+from serving.scheduler import Policy, Scheduler
 from serving.schema import CapabilitiesRequest, parse_job_input
 from serving.settings import Settings
 from serving.startup import LoadedEngines, load_engines
@@ -51,9 +51,10 @@ class Worker:
         self.storage_io = StorageIO(ThreadPoolExecutor(settings.bucket_upload_workers, thread_name_prefix="storage"),
                                     settings.delivery_timeout_s, settings.cache_lookup_timeout_s)
         self.store = ImageStore(settings.storage) if settings.storage else None
-        self.engine_loop = EngineLoop(Scheduler(settings.priority_offset_s, settings.batch_join_cost),
+        policy = Policy(settings.work_weight, settings.priority_offset_s, settings.batch_join_cost)
+        self.engine_loop = EngineLoop(Scheduler(policy),
                                       max_batch_for=self.max_batch_for, wait_s=settings.batch_wait_ms / 1000,
-                                      decode_batch=settings.decode_batch, is_oom=is_oom,
+                                      decode_megapixels=settings.decode_megapixels, is_oom=is_oom,
                                       is_fatal=is_fatal_device_error, on_fatal=lambda err: on_fatal())
 
     @classmethod

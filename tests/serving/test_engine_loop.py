@@ -20,8 +20,9 @@ import torch
 
 from pipelines.engine import ImageItem, ModelIdentity, Row, call_model
 from pipelines.z_image import BatchSpec
-from serving.engine_loop import EngineLoop, ImageOutcome
-from serving.scheduler import CallCosts, Scheduler
+from serving.engine_loop import EngineLoop
+from serving.job_ticket import ImageOutcome
+from serving.scheduler import CallCosts, Policy, Scheduler
 
 SPEC = BatchSpec(64, 64, 6, 0.0, "z-image-simple")
 GROUP = ("stub", SPEC)
@@ -52,6 +53,7 @@ class StubEngine:
         self.costs = costs or {1: 1.0, 4: 1.0}
         self.calls: list[list[str]] = []
         self.decodes: list[list[str]] = []
+        self.events: list[str] = []  # "call" and "decode", in the order they ran
         self.simulated_s = 0.0
 
     def clock(self) -> float:
@@ -78,11 +80,13 @@ class StubEngine:
         names = [row.item.prompt for row in rows]
         self.on_step(names)
         self.calls.append(names)
+        self.events.append("call")
         self.simulated_s += self.call_seconds(len(rows))
         call_model(rows, lambda x, sigma: torch.ones_like(x))
 
     def finish(self, rows) -> np.ndarray:
         self.decodes.append([row.item.prompt for row in rows])
+        self.events.append("decode")
         return np.stack([np.full((2, 2, 3), int(row.latents.sum()), np.uint8) for row in rows])
 
 
@@ -117,9 +121,9 @@ def make_loop():
     loops: list[EngineLoop] = []
 
     def make(engine: StubEngine, costs: CallCosts | None = None, max_batch: int = 4, wait_s: float = 0.0,
-             decode_batch: int = 2, fatal=lambda err: False, on_fatal=lambda err: None) -> EngineLoop:
-        loop = EngineLoop(Scheduler(priority_offset_s=30, join_cost=0.5, costs=costs),
-                          lambda engine, spec: max_batch, wait_s, decode_batch,
+             decode_megapixels: float = 0.25, fatal=lambda err: False, on_fatal=lambda err: None) -> EngineLoop:
+        loop = EngineLoop(Scheduler(Policy(work_weight=1.0, priority_offset_s=30, join_cost=0.5), costs),
+                          lambda engine, spec: max_batch, wait_s, decode_megapixels,
                           lambda err: isinstance(err, torch.OutOfMemoryError), fatal, on_fatal, engine.clock)
         loops.append(loop)
         return loop
@@ -244,13 +248,52 @@ def test_a_cancelled_job_leaves_at_the_next_call_and_its_call_mates_go_on(make_l
     assert recorder.outcomes.get("a") is None and loop.queued_images() == 0
 
 
-def test_finished_rows_decode_in_chunks_with_model_calls_between_them(make_loop):
+def test_finished_rows_decode_between_calls_within_the_pixel_budget(make_loop):
     engine = StubEngine()
-    loop, recorder = make_loop(engine, max_batch=4, decode_batch=2), Recorder()
+    two_rows = 2 * 64 * 64 / 2**20  # megapixels: two 64² images per decode
+    loop, recorder = make_loop(engine, max_batch=4, decode_megapixels=two_rows), Recorder()
     short = BatchSpec(64, 64, 2, 0.0, "z-image-simple")
     loop.submit("a", engine, short, items("a", 4), recorder.sink("a"))  # 4 rows done after 2 calls
     loop.submit("b", engine, SPEC, items("b", 4), recorder.sink("b"))  # another group: 6 calls to go
     recorder.wait("a", 4)
     recorder.wait("b", 4)
-    assert engine.decodes[:2] == [["a0", "a1"], ["a2", "a3"]]
+    assert engine.decodes == [["a0", "a1"], ["a2", "a3"], ["b0", "b1"], ["b2", "b3"]]
     assert len(engine.calls) == 2 + 6
+    assert "decode,decode" not in ",".join(engine.events[: engine.events.index("decode") + 3])  # b's call between
+
+
+def test_real_jobs_of_both_workflows_sharing_calls_equal_their_solo_runs(handler_module):
+    """The real engine behind the loop, two jobs at once (a danrisi job of 3 images, rows two at a
+    time, and a simple 1-image job arriving while it runs): whatever calls they shared or waited
+    through, each image equals its solo run, and the 1-image job made exactly its own calls."""
+    import asyncio
+
+    from serving.local_run import collect
+    from serving.settings import load_settings
+    from serving.startup import LoadedEngines
+    from serving.worker import Worker
+    from tests.conftest import SMALL, assert_regenerates, pixels
+
+    settings = load_settings({"MAX_BATCH": "2", "BATCH_WAIT_MS": "0", "PULID_ENABLED": "0"})
+    worker = Worker(settings, LoadedEngines(handler_module.WORKER.engine, None, "off"))
+    danrisi = {**SMALL, "prompt": "a red car", "workflow": "z-image-danrisi", "num_images": 3, "seed": 40}
+    simple = {**SMALL, "prompt": "a big dog", "workflow": "z-image-simple", "seed": 50}
+
+    async def together():
+        async def later(job_input):
+            await asyncio.sleep(0.05)
+            return await collect(worker.run_job, {"id": "simple", "input": job_input})
+        return await asyncio.gather(collect(worker.run_job, {"id": "danrisi", "input": danrisi}), later(simple))
+
+    try:
+        mixed_danrisi, mixed_simple = asyncio.run(together())
+        assert mixed_simple["model_calls"] == SMALL["steps"]  # nothing redone
+        solo = [asyncio.run(collect(worker.run_job, {"id": f"solo{i}", "input": {**danrisi, "num_images": 1,
+                                                                                   "seed": 40 + i}}))
+                for i in range(3)]
+        for shared, alone in zip(mixed_danrisi["images"], solo):
+            assert_regenerates(pixels(shared), pixels(alone["images"][0]))
+        alone_simple = asyncio.run(collect(worker.run_job, {"id": "solo-simple", "input": simple}))
+        assert_regenerates(pixels(mixed_simple["images"][0]), pixels(alone_simple["images"][0]))
+    finally:
+        worker.engine_loop.stop()

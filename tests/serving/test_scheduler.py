@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from serving.scheduler import CallCosts, Job, Scheduler
+from serving.scheduler import CallCosts, Job, Policy, Scheduler
 
 STEPS = 8
 
@@ -37,19 +37,19 @@ def names(call) -> list[str]:
 
 
 def test_least_remaining_work_first_and_fifo_before_any_call_is_timed():
-    untimed = Scheduler(priority_offset_s=30, join_cost=0.5)
+    untimed = Scheduler(Policy(1.0, 30, 0.5))
     big, small = job("big", 8, arrival=0.0), job("small", 1, arrival=1.0)
     untimed.add(big)
     untimed.add(small)
     assert untimed.next_call().top is big  # nothing timed yet: by arrival
-    timed = Scheduler(30, 0.5, costs(COMPUTE_BOUND))
+    timed = Scheduler(Policy(1.0, 30, 0.5), costs(COMPUTE_BOUND))
     timed.add(big)
     timed.add(small)
     assert names(timed.next_call()) == ["small0"]  # 8 calls of work left against 64: it runs, alone
 
 
 def test_priority_is_a_head_start_or_a_handicap_of_the_offset():
-    scheduler = Scheduler(priority_offset_s=100, join_cost=0.5, costs=costs(COMPUTE_BOUND))
+    scheduler = Scheduler(Policy(1.0, 100, 0.5), costs(COMPUTE_BOUND))
     profile_set = job("profile", 8, arrival=0.0, priority="interactive")  # 64 s of work, minus 100
     base = job("base", 1, arrival=0.0)  # 8 s of work
     scheduler.add(base)
@@ -68,18 +68,18 @@ def test_priority_is_a_head_start_or_a_handicap_of_the_offset():
     ({}, ["small0", "big0", "big1", "big2"]),  # not measured yet: join, as plain batching would
 ])
 def test_other_jobs_rows_join_a_call_only_where_batching_is_cheap(measured, expected):
-    scheduler = Scheduler(30, join_cost=0.5, costs=costs(measured))
+    scheduler = Scheduler(Policy(1.0, 30, 0.5), costs(measured))
     scheduler.add(job("big", 8, arrival=0.0))
     scheduler.add(job("small", 1, arrival=5.0))
     if not measured:  # rank the small job first without timings: it came first
-        scheduler = Scheduler(30, 0.5)
+        scheduler = Scheduler(Policy(1.0, 30, 0.5))
         scheduler.add(job("small", 1, arrival=0.0))
         scheduler.add(job("big", 8, arrival=5.0))
     assert names(scheduler.next_call()) == expected
 
 
 def test_a_call_takes_one_group_up_to_the_row_limit_started_rows_first():
-    scheduler = Scheduler(30, join_cost=1.0, costs=costs(CHEAP))
+    scheduler = Scheduler(Policy(1.0, 30, 1.0), costs(CHEAP))
     big = job("big", 6, arrival=0.0, limit=4)
     scheduler.add(big)
     scheduler.add(job("other-size", 8, arrival=0.0, group="1024"))  # more work left: ranks second
@@ -92,7 +92,7 @@ def test_a_call_takes_one_group_up_to_the_row_limit_started_rows_first():
 
 
 def test_a_removed_job_leaves_at_once_and_a_released_last_slot_takes_its_job():
-    scheduler = Scheduler(30, 0.5)
+    scheduler = Scheduler(Policy(1.0, 30, 0.5))
     first, second = job("a", 2, 0.0), job("b", 1, 1.0)
     scheduler.add(first)
     scheduler.add(second)
@@ -102,21 +102,58 @@ def test_a_removed_job_leaves_at_once_and_a_released_last_slot_takes_its_job():
     assert scheduler.next_call() is None and scheduler.pending_images() == 0
 
 
-def test_decoding_takes_the_best_ranked_jobs_finished_rows_of_one_group():
-    scheduler = Scheduler(30, 0.5, costs(COMPUTE_BOUND))
-    big, small, other = job("big", 4, 0.0), job("small", 2, 0.0), job("other", 1, 0.0, group="1024")
+def test_a_decode_takes_finished_rows_of_one_group_best_ranked_first_up_to_the_jobs_pixel_budget():
+    scheduler = Scheduler(Policy(1.0, 30, 0.5), costs(COMPUTE_BOUND))
+    big, small, other = job("big", 4, 0.0), job("small", 2, 0.5), job("other", 1, 0.0, group="1024")
+    big.decode_rows = small.decode_rows = 3  # e.g. 256² images under a 0.25-megapixel budget (4 would fit)
     for made in (big, small, other):
         scheduler.add(made)
     for slot in big.slots[:3] + small.slots + other.slots:
         scheduler.finished(slot)
 
-    def decode(rows: int) -> list[str]:
-        return [f"{slot.job.name}{slot.index}" for slot in scheduler.next_decode(rows)]
+    def decode() -> list[str]:
+        return [f"{slot.job.name}{slot.index}" for slot in scheduler.next_decode()]
 
-    assert decode(3) == ["small0", "small1", "big0"]  # small first (no work left), then big of its group
-    for slot in scheduler.next_decode(3):
-        scheduler.release(slot)
-    assert decode(3) == ["other0"]
+    assert decode() == ["other0"]  # nothing left but decoding, first to arrive: its group only
+    scheduler.release(other.slots[0])
+    assert decode() == ["small0", "small1", "big0"]  # small ranks first, then big's rows of its group
+    small.decode_rows = 1  # a 512² image: one at a time
+    assert decode() == ["small0"]
+
+
+def test_a_decode_goes_first_only_for_a_job_ranked_no_lower_and_never_twice_while_a_call_waits():
+    scheduler = Scheduler(Policy(1.0, 30, 0.5), costs(COMPUTE_BOUND))
+    scheduler.costs.record_decode(1.0, 2.0)  # a decode costs two row-calls
+    big, small = job("big", 4, 0.0), job("small", 1, 1.0)
+    big.decode_rows = 2
+    scheduler.add(big)
+    scheduler.add(small)
+    for slot in big.slots[:2]:
+        scheduler.finished(slot)
+    assert scheduler.next().top is small  # small ranks first: its call; big's finished rows wait
+    scheduler.remove(small)
+    assert [slot.index for slot in scheduler.next()] == [0, 1]  # big's own rows: decode first ...
+    assert scheduler.next().top is big  # ... then a call before the next decode
+    scheduler.release(big.slots[0])
+    for slot in big.slots[1:]:
+        scheduler.finished(slot)
+    assert [slot.index for slot in scheduler.next()] == [1, 2] and [s.index for s in scheduler.next()] == [1, 2]
+
+
+def test_a_decode_with_room_waits_for_a_call_that_finishes_more_rows_of_its_group():
+    scheduler = Scheduler(Policy(1.0, 30, 0.5), costs(COMPUTE_BOUND))
+    group = job("group", 3, 0.0)
+    group.decode_rows = 4
+    scheduler.add(group)
+    scheduler.finished(group.slots[0])
+    group.slots[1].calls_left, group.slots[2].calls_left = 1, 3
+    for slot in group.slots[1:]:
+        slot.state = "started"
+    call = scheduler.next()
+    assert names(call) == ["group1", "group2"]  # it finishes group1: the decode waits for it
+    scheduler.ran(call.slots, None)
+    scheduler.finished(group.slots[1])
+    assert [slot.index for slot in scheduler.next()] == [0, 1]  # now no call finishes one: decode
 
 
 def test_the_line_through_timed_calls_and_its_marginal_cost():
@@ -159,11 +196,11 @@ def simulate(scheduler: Scheduler, jobs: list[Job], cost, aging: bool = True) ->
     return finish, tops
 
 
-def stream_scenario(aging: bool) -> tuple[dict[str, float], list, list[float]]:
+def stream_scenario(aging: bool, work_weight: float = 1.0) -> tuple[dict[str, float], list, list[float]]:
     """One second per row-call (compute-bound): an 8-image job at t=0 (64 s of work alone) and a
     1-image job (8 s) every 10 s for 300 s. Returns the finish times, the calls' tops and the
     small jobs' arrival times."""
-    scheduler = Scheduler(priority_offset_s=30, join_cost=0.5, costs=costs(COMPUTE_BOUND))
+    scheduler = Scheduler(Policy(work_weight, 30, 0.5), costs(COMPUTE_BOUND))
     scheduler.costs.record("512", 1, 1.0, 1.0)  # 1 s per unit of work: ranks in seconds of solo work
     arrivals = [10.0 * i + 1 for i in range(30)]
     stream = [job(f"small{i}", 1, arrival=t) for i, t in enumerate(arrivals)]
@@ -171,17 +208,19 @@ def stream_scenario(aging: bool) -> tuple[dict[str, float], list, list[float]]:
     return finish, tops, arrivals
 
 
-def test_a_large_job_under_a_steady_stream_of_small_ones_finishes_within_the_stated_bound():
-    """A newcomer ranks first only while it arrives within the big job's work W of the big job's
-    arrival: the big job finishes by W + the work of the jobs arriving in that window, and no job
-    arriving after W runs before it. A small job waits at most for the big job's remaining work."""
-    finish, tops, arrivals = stream_scenario(aging=True)
-    work = 8 * STEPS  # the big job's solo work W, in seconds
-    in_window = [t for t in arrivals if t < work]
-    assert finish["big"] <= work + STEPS * len(in_window)
+@pytest.mark.parametrize("work_weight", [1.0, 4.0])
+def test_a_large_job_under_a_steady_stream_of_small_ones_finishes_within_the_stated_bound(work_weight):
+    """A newcomer ranks first only while it arrives within work_weight × the big job's work W of
+    the big job's arrival: the big job finishes by W + the work of the jobs arriving in that
+    window, and no job arriving after it runs before it. A small job waits at most for the big
+    job's remaining work."""
+    finish, tops, arrivals = stream_scenario(aging=True, work_weight=work_weight)
+    window = work_weight * 8 * STEPS  # work_weight × the big job's solo work W, in seconds
+    in_window = [t for t in arrivals if t < window]
+    assert finish["big"] <= 8 * STEPS + STEPS * len(in_window)
     before_big = [top for start, top in tops if start < finish["big"]]
-    assert [top.name for top in before_big if top.name != "big" and top.arrival_s >= work] == []
-    assert all(finish[f"small{i}"] - t <= STEPS + work for i, t in enumerate(arrivals))
+    assert [top.name for top in before_big if top.name != "big" and top.arrival_s >= window] == []
+    assert all(finish[f"small{i}"] - t <= STEPS + 8 * STEPS for i, t in enumerate(arrivals))
     assert finish["small0"] - arrivals[0] <= 2 * STEPS  # ahead of the big job's turn: about its own time
 
 
