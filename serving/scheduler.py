@@ -152,8 +152,9 @@ class CallCosts:
         return mean_s - slope * mean_n, slope
 
     def join_is_cheap(self, group: Hashable, join_cost: float) -> bool:
-        """One more row adds at most `join_cost` of a lone row's call (True while unmeasured)."""
-        line = self.line(group)
+        """One more row adds at most `join_cost` of a lone row's call (True while unmeasured, and
+        always for a `join_cost` of 1: plain batching, whatever the timings say)."""
+        line = None if join_cost >= 1 else self.line(group)
         if line is None:
             return True
         intercept, slope = line

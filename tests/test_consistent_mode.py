@@ -147,8 +147,9 @@ def test_left_out_steps_and_guidance_follow_the_mode_that_ran(fast_only, handler
 # -- batching across jobs --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def patient() -> Worker:
-    """Consistent mode on, and a batch waits long enough for concurrent jobs to join it."""
-    return Worker.start(load_settings({"BATCH_WAIT_MS": "400", "MAX_BATCH": "4"}))
+    """Consistent mode on, a batch waits long enough for concurrent jobs to join it, and rows
+    always join (not as timings on this machine say)."""
+    return Worker.start(load_settings({"BATCH_WAIT_MS": "400", "MAX_BATCH": "4", "BATCH_JOIN_COST": "1"}))
 
 
 def run_together(worker: Worker, *inputs: dict[str, Any]) -> list[dict[str, Any]]:

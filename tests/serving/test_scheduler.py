@@ -160,6 +160,7 @@ def test_the_line_through_timed_calls_and_its_marginal_cost():
     measured = costs({1: 2.0, 2: 3.0, 4: 5.0})
     assert measured.line("512") == pytest.approx((1.0, 1.0))
     assert measured.join_is_cheap("512", 0.5) and not measured.join_is_cheap("512", 0.49)
+    assert costs(COMPUTE_BOUND).join_is_cheap("512", 1.0)  # 1: always, whatever the timings
     for seconds in (5.0, 5.0, 50.0):  # one compile-slow call among the timings of 4 rows
         measured.record("512", 4, 4.0, seconds)
     assert measured.line("512") == pytest.approx((1.0, 1.0))  # the median of a row count holds
