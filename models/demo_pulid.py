@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from insightface.utils.face_align import arcface_dst
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
@@ -29,6 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast,
 
 from models.eva_clip import EVAVisionConfig, EVAVisionTower
 from models.face_parsing import BiSeNet
+from models.flux_pipeline import FluxPipeline
 from models.pulid_modules import IDFormer, PuLIDModules
 
 BUNDLE_VERSION = "demo-pulid-v3"  # v3: model_info.json names the bundle

@@ -188,6 +188,13 @@ def test_a_fresh_handler_times_its_imports_first(local_run):
     assert float(summary.group(1)) > 0
 
 
+def test_a_local_run_prints_nothing_that_reads_like_a_broken_install(local_run):
+    done, _ = local_run
+    output = done.stdout + done.stderr
+    assert "not installed" not in output and "Traceback" not in output, output[-2000:]
+    assert "WARNING" not in output and "[transformers]" not in output, output[-2000:]
+
+
 def test_test_input_command_line_reports_bad_input(tmp_path):
     job = {"input": {"prompt": "a kite", "steps": 99}}
     done = subprocess.run(
