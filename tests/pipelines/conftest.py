@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,66 +31,84 @@ def restore_attention_backend():
 # -- the compile runs --------------------------------------------------------------------------------
 
 class CompileRuns:
-    """tests/pipelines/compiled_generation.py twice, each in a fresh interpreter (a started worker, as far
-    as dynamo and Inductor's in-memory caches know): a first compile into an empty cache, then a restart
-    from that run's saved mega-cache file alone. Minutes of Inductor on CPU that share nothing with the
-    pytest process, so they run on a background thread from the end of collection while the rest of
-    the suite runs; the tests that read them run last, and their fixtures wait for the results."""
+    """The compile tests' scripts, each in a fresh interpreter (a started worker, as far as dynamo and
+    Inductor's in-memory caches know): tests/pipelines/compiled_generation.py into an empty cache
+    (`first_compile`), then again from that run's saved mega-cache file alone (`restarted_compile`), and
+    tests/pipelines/compiled_consistent.py (`compiled_consistent`). Minutes of Inductor on CPU that share
+    nothing with the pytest process, so they run on two background threads from the end of collection
+    while the rest of the suite runs; the tests that read them run last, and their fixtures wait."""
 
-    def __init__(self, restart: bool) -> None:
+    def __init__(self) -> None:
         self._root = tempfile.TemporaryDirectory(prefix="compile-runs-")
-        self.first_dir = Path(self._root.name) / "first"
-        self.restart_dir = Path(self._root.name) / "restart"
         self._lock = threading.Lock()
-        self._process: subprocess.Popen[str] | None = None
+        self._processes: list[subprocess.Popen[str]] = []
         self._stopped = False
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="compile-runs")
-        self.first: Future[dict] = self._pool.submit(self._run, self.first_dir)
-        self.restarted: Future[dict] | None = self._pool.submit(self._restart) if restart else None
+        self._pool = ThreadPoolExecutor(2, thread_name_prefix="compile-runs")
+        self._runs: dict[str, Future[dict]] = {}
 
-    def _run(self, cache_dir: Path) -> dict:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+    def folder(self, name: str) -> Path:
+        return Path(self._root.name) / name
+
+    def start(self, names: set[str]) -> None:
+        """Submit the runs named (and what they need) that are not started yet; the order keeps the
+        restart, which waits for the first compile, from holding a thread another run could use."""
+        wanted = names | ({"first_compile"} if "restarted_compile" in names else set())
+        jobs = {"first_compile": partial(self._run, "compiled_generation", "first_compile"),
+                "compiled_consistent": partial(self._run, "compiled_consistent", "compiled_consistent"),
+                "restarted_compile": self._restart}
+        for name, job in jobs.items():
+            if name in wanted and name not in self._runs:
+                self._runs[name] = self._pool.submit(job)
+
+    def result(self, name: str) -> tuple[Path, dict]:
+        """The run's folder and its report (the script's JSON line), once it has ended."""
+        self.start({name})
+        return self.folder(name), self._runs[name].result()
+
+    def _run(self, script: str, name: str) -> dict:
+        folder = self.folder(name)
+        folder.mkdir(parents=True, exist_ok=True)
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the test session ended before this compile run started")
-            self._process = subprocess.Popen(
-                [sys.executable, "-m", "tests.pipelines.compiled_generation", str(cache_dir)], cwd=ROOT,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            process = subprocess.Popen([sys.executable, "-m", f"tests.pipelines.{script}", str(folder)], cwd=ROOT,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self._processes.append(process)
         try:
-            stdout, stderr = self._process.communicate(timeout=600)
+            stdout, stderr = process.communicate(timeout=900)
         except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.communicate()
+            process.kill()
+            process.communicate()
             raise
-        assert self._process.returncode == 0, stderr[-3000:]
+        assert process.returncode == 0, stderr[-3000:]
         return json.loads(stdout.strip().splitlines()[-1])
 
     def _restart(self) -> dict:
-        self.first.result()  # its saved cache is the restart's only input
-        self.restart_dir.mkdir()
-        shutil.copy(self.first_dir / MEGA_CACHE_FILE, self.restart_dir / MEGA_CACHE_FILE)  # no inductor dir
-        return self._run(self.restart_dir)
+        self._runs["first_compile"].result()  # its saved cache is the restart's only input
+        restart = self.folder("restarted_compile")
+        restart.mkdir()
+        shutil.copy(self.folder("first_compile") / MEGA_CACHE_FILE, restart / MEGA_CACHE_FILE)  # no inductor dir
+        return self._run("compiled_generation", "restarted_compile")
 
     def stop(self) -> None:
-        """End a run still going (an interrupted session), then remove the caches."""
+        """End the runs still going (an interrupted session), then remove their folders."""
         with self._lock:
             self._stopped = True
-            if self._process is not None and self._process.poll() is None:
-                self._process.kill()
+            for process in self._processes:
+                if process.poll() is None:
+                    process.kill()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._root.cleanup()
 
 
 RUNS = pytest.StashKey[CompileRuns]()
+COMPILE_FIXTURES = {"first_compile", "restarted_compile", "compiled_consistent"}
 
 
-def _compile_runs(config: pytest.Config, restart: bool) -> CompileRuns:
+def _compile_runs(config: pytest.Config) -> CompileRuns:
     if RUNS not in config.stash:
-        config.stash[RUNS] = CompileRuns(restart)
+        config.stash[RUNS] = CompileRuns()
     return config.stash[RUNS]
-
-
-COMPILE_FIXTURES = {"first_compile", "restarted_compile"}
 
 
 def _needs_runs(item: pytest.Item) -> bool:
@@ -103,10 +122,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the runs now if a selected test needs them (not under `-m "not slow"`)."""
-    needed = {name for item in session.items if _needs_runs(item) for name in item.fixturenames}
+    """Start the runs now that the selected tests need (none under `-m "not slow"`)."""
+    needed = {name for item in session.items for name in getattr(item, "fixturenames", ())} & COMPILE_FIXTURES
     if needed and not session.config.option.collectonly:
-        _compile_runs(session.config, restart="restarted_compile" in needed)
+        _compile_runs(session.config).start(needed)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -115,14 +134,18 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def first_compile(request: pytest.FixtureRequest) -> dict:
-    """The first compile's report (compiled_generation.py's JSON line)."""
-    return _compile_runs(request.config, restart=False).first.result()
+def first_compile(request: pytest.FixtureRequest) -> tuple[Path, dict]:
+    """compiled_generation.py's folder (with the compile cache it saved) and report."""
+    return _compile_runs(request.config).result("first_compile")
 
 
 @pytest.fixture
 def restarted_compile(request: pytest.FixtureRequest) -> tuple[Path, dict]:
-    """The restart's cache folder (the first run's mega-cache file, nothing else) and its report."""
-    runs = _compile_runs(request.config, restart=True)
-    assert runs.restarted is not None, "collection did not ask for the restart run"
-    return runs.restart_dir, runs.restarted.result()
+    """The restart's folder (the first run's mega-cache file, nothing else) and its report."""
+    return _compile_runs(request.config).result("restarted_compile")
+
+
+@pytest.fixture
+def compiled_consistent(request: pytest.FixtureRequest) -> tuple[Path, dict]:
+    """compiled_consistent.py's folder (images.npz: eager and compiled images) and report."""
+    return _compile_runs(request.config).result("compiled_consistent")
