@@ -63,13 +63,13 @@ def ensure_demo_bundle(cache_dir: Path = DEFAULT_CACHE) -> Path:
         model_info = {"id": "demo-pulid-flux", "revision": BUNDLE_VERSION, "demo": True}
         (staging / "model_info.json").write_text(json.dumps(model_info))
         (staging / "READY").write_text("ok\n")
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
+        try:
             os.replace(staging, target)
-    except BaseException:
+        except OSError:  # another process finished first (the target is a full folder): it serves
+            if not (target / "READY").exists():
+                raise
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
