@@ -46,6 +46,7 @@ class JobRecord:
     progress: Any = None
     pending_stream: list[Any] = field(default_factory=list)
     streamed: int = 0  # chunks received from the worker in this run
+    last_chunk_at: float | None = None  # when the latest one came (scripts/bench_loop.py: the result post's time)
     chunks_after_end: int = 0  # chunks that came after the job had ended
     done: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None  # the execution timeout, from the take
@@ -74,6 +75,7 @@ class JobRecord:
             return
         self.pending_stream.append(chunk)
         self.streamed += 1
+        self.last_chunk_at = time.monotonic()
 
     def set_progress(self, payload: Any) -> None:
         """Keep the latest progress post; only shown while the job runs."""
@@ -99,7 +101,7 @@ class JobRecord:
         """Back to IN_QUEUE under the same id and input, the previous result gone (RunPod's /retry)."""
         self.status = IN_QUEUE
         self.submitted_at = time.monotonic()
-        self.started_at = self.finished_at = None
+        self.started_at = self.finished_at = self.last_chunk_at = None
         self.worker_id = None
         self.output = self.error = self.progress = None
         self.pending_stream = []

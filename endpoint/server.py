@@ -10,6 +10,7 @@ import os
 import signal
 
 from aiohttp import web
+from aiohttp.web_log import AccessLogger
 
 from endpoint.app import ServerSettings, ServerState, create_app, status_body
 from endpoint.jobs import JobRecord, JobStore
@@ -21,6 +22,17 @@ API_KEY_ENV = "LOCAL_ENDPOINT_API_KEY"
 ANY_ADDRESS = frozenset({"", "0.0.0.0", "::", "localhost"})
 
 log = logging.getLogger(__name__)
+
+
+class ClientAccessLogger(AccessLogger):
+    """aiohttp's access log for client requests only: the workers' polls and pings (several a
+    second) would bury them."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        route = getattr(request, "match_info", None)
+        if route is not None and (route.route.name or "").startswith("worker-"):
+            return
+        super().log(request, response, time)
 
 
 class LocalEndpoint:
@@ -66,7 +78,8 @@ class LocalEndpoint:
         platform = Platform(JobStore(self.settings.retention_s), on_final, on_stop_pod)
         pool = WorkerPool(self.pool_settings, platform, self.settings.worker_key) if self.pool_settings else None
         self.state = ServerState(self.settings, platform, webhooks, pool)
-        self._runner = web.AppRunner(create_app(self.state), handler_cancellation=True)
+        self._runner = web.AppRunner(create_app(self.state), handler_cancellation=True,
+                                     access_log_class=ClientAccessLogger)
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
         self.host, self.port = host, self._runner.addresses[0][1]
