@@ -3,10 +3,11 @@
 server and a `python handler.py` worker under the runpod SDK's loop) against the same 3 jobs
 given to the handler in this process, rounds alternating so both see the same machine load.
 
-Prints per setting the median time to all 3 images, the ratio loop / in process, and where the
-loop's time goes (medians over jobs): the take (submit → a worker took it), the handler's own
-time (its summary's `total`), the rest of the execution (the SDK's run-loop tick, planning, stream
-posts), and the result post (last stream chunk → result at the server). `--loop-concurrency 4`
+Prints per setting the median time to all 3 images, the ratio loop / in process (of the medians,
+and the median of each round's ratio to the in-process round after it), and where the loop's time
+goes (medians over jobs): the take (submit → a worker took it), the handler's own time (its
+summary's `total`), the rest of the execution (the SDK's run-loop tick, planning, stream posts),
+and the result post (last stream chunk → result at the server). `--loop-concurrency 4`
 adds a loop phase at CONCURRENCY=4, the setting that took the 3 jobs as 2 + 1. The three jobs
 start `--spread-ms` apart (default 5: an app's three requests never leave at the same instant;
 requests sent from one asyncio loop at once reach the server within a fraction of a millisecond,
@@ -107,6 +108,8 @@ def summarize(label: str, loop: list[dict[str, Any]], inproc: list[dict[str, Any
         "loop_all_3_s": loop_wall,
         "in_process_all_3_s": inproc_wall,
         "ratio": round(loop_wall / inproc_wall, 3),
+        # each loop round against the in-process round right after it: steadier on a shared machine
+        "paired_ratio_median": median([a["wall_s"] / b["wall_s"] for a, b in zip(loop, inproc)]),
         "loop_wall_s": [round(r["wall_s"], 3) for r in loop],
         "in_process_wall_s": [round(r["wall_s"], 3) for r in inproc],
         "one_model_call_rounds": sum(all(j["batch_sizes"] == [JOBS] for j in r["jobs"]) for r in loop),

@@ -91,9 +91,10 @@ def running_endpoint(pool: PoolSettings | None, **settings: Any) -> Iterator[Bac
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundEndpoint]:
-    """One fake-worker endpoint per test module: a worker process is too slow to start per test."""
+    """One fake-worker endpoint for the session (a worker process takes ~2 s to start); each test
+    starts with it idle (`idle_endpoint`). A module may define its own `endpoint`."""
     with running_endpoint(fake_workers(tmp_path_factory.mktemp("workers"))) as server:
         yield server
 
