@@ -153,9 +153,14 @@ class Platform:
             waiter: asyncio.Future[None] = loop.create_future()
             self._takers.append((worker_id, waiter))
             try:
-                await asyncio.wait_for(waiter, deadline - loop.time())
+                async with asyncio.timeout_at(deadline):  # asyncio.wait_for would drop a cancel (3.11)
+                    await waiter
             except TimeoutError:
                 return []
+            except asyncio.CancelledError:  # the worker hung up: another poll gets the job it was woken for
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_a_taker()
+                raise
             finally:
                 with suppress(ValueError):
                     self._takers.remove((worker_id, waiter))
@@ -201,9 +206,10 @@ class Platform:
         worker with nothing left to stop is answered at once, so its SDK loop can exit."""
         seat = self.seat(worker_id)
         with suppress(TimeoutError):
-            while not seat.stops and not self._closed and not (seat.draining and not seat.held):
-                seat.stop_event.clear()
-                await asyncio.wait_for(seat.stop_event.wait(), hold_s)
+            async with asyncio.timeout(hold_s):
+                while not seat.stops and not self._closed and not (seat.draining and not seat.held):
+                    seat.stop_event.clear()
+                    await seat.stop_event.wait()
         stops, seat.stops = seat.stops, []
         return stops
 

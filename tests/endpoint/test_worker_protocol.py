@@ -62,6 +62,21 @@ def test_a_waiting_take_gets_a_job_submitted_later(start_endpoint: EndpointFacto
     assert job["input"] == {"late": True}
 
 
+def test_a_worker_that_hangs_up_mid_poll_is_handed_nothing(start_endpoint: EndpointFactory) -> None:
+    server = start_endpoint(workers=0, worker_api=WorkerApiSettings(hold_s=10.0))
+    api, gone, waiting = Api(server), ProtocolWorker(server, "w-gone"), ProtocolWorker(server, "w-waiting")
+    with pytest.raises(requests.Timeout):
+        requests.get(f"{gone.base}/job-take/w-gone", params={"job_in_progress": 0}, headers=gone.headers, timeout=0.3)
+    taken: list[list[dict]] = []
+    thread = threading.Thread(target=lambda: taken.append(waiting.take()))
+    thread.start()
+    time.sleep(0.3)
+    job_id = api.submit({"n": 1})
+    thread.join(timeout=10)
+    assert [[job["id"] for job in jobs] for jobs in taken] == [[job_id]]
+    assert api.status(job_id)["workerId"] == "w-waiting"
+
+
 def test_progress_shows_while_running_and_gives_way_to_the_result(server) -> None:
     api, worker = Api(server), ProtocolWorker(server)
     job_id = api.submit({})
