@@ -63,7 +63,8 @@ class BackgroundEndpoint:
 
         while self.on_loop(ready) < count:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{count} worker(s) not ready after {timeout_s:.0f} s: {self.pool.details()}")
+                details = self.on_loop(self.pool.details)
+                raise TimeoutError(f"{count} worker(s) not ready after {timeout_s:.0f} s: {details}")
             time.sleep(0.1)
 
     def __enter__(self) -> BackgroundEndpoint:

@@ -124,6 +124,8 @@ class WorkerPool:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in list(self.workers.values()):  # a replacement that was starting when stop began
+            self._kill_group(worker)
 
     def details(self) -> list[dict[str, Any]]:
         """Per live worker: id, pid, state, jobs held, resident memory (what /health shows locally)."""

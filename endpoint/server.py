@@ -19,7 +19,7 @@ from endpoint.pool import PoolSettings, WorkerPool, worker_command
 from endpoint.webhook import WebhookPolicy, WebhookSender
 
 API_KEY_ENV = "LOCAL_ENDPOINT_API_KEY"
-ANY_ADDRESS = frozenset({"", "0.0.0.0", "::", "localhost"})
+REACHED_AS_LOOPBACK = frozenset({"", "0.0.0.0", "::", "localhost"})  # binds a local worker calls at 127.0.0.1
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class LocalEndpoint:
     @property
     def callback_base(self) -> str:
         """Where this machine's workers reach the server."""
-        host = "127.0.0.1" if self.host in ANY_ADDRESS else self.host
+        host = "127.0.0.1" if self.host in REACHED_AS_LOOPBACK else self.host
         return f"http://{host}:{self.port}"
 
     async def start(self, host: str, port: int) -> None:
