@@ -5,7 +5,9 @@ fetching, heartbeats, cancellation, streaming) never waits on the model.
 
 - Compatible images (same `group`: size, steps, sampler, guidance, mode and text length bucket)
   from different jobs share a pipeline call, up to `max_batch_for(engine, spec)` images, after a bounded
-  wait for more work to arrive.
+  wait for more work to arrive (`wait_s`), longer while the worker knows jobs are on their way
+  (`incoming`: taken from the platform, not started yet), at most `incoming.wait_s` more, then
+  `wait_s` again for them to submit.
 - Fair: the job served least recently (a new job before any served one) picks the next group,
   and a batch takes images from its jobs in turn, so a small job waits behind a large one for at
   most one batch.
@@ -29,6 +31,20 @@ import numpy as np
 from pipelines.engine import Engine, ImageItem, SamplingStopped
 
 log = logging.getLogger(__name__)
+
+INCOMING_POLL_S = 0.005  # `incoming` is a plain predicate: looked at this often while it holds a batch
+
+
+@dataclass(frozen=True)
+class IncomingJobs:
+    """Jobs the worker has taken that have not reached the scheduler yet: `pending()` says whether
+    there are any (called from the GPU thread); they arrive within `wait_s`."""
+
+    pending: Callable[[], bool]
+    wait_s: float
+
+
+NO_INCOMING = IncomingJobs(pending=lambda: False, wait_s=0.0)
 
 
 @dataclass
@@ -75,9 +91,11 @@ class Batcher:
         is_oom: Callable[[BaseException], bool],
         is_fatal: Callable[[BaseException], bool],
         on_fatal: Callable[[BaseException], None],
+        incoming: IncomingJobs = NO_INCOMING,
     ) -> None:
         self._max_batch_for = max_batch_for
         self._wait_s = wait_s
+        self._incoming = incoming
         self._is_oom = is_oom
         self._is_fatal = is_fatal
         self._on_fatal = on_fatal
@@ -145,11 +163,19 @@ class Batcher:
                 first = min(self._waiting_tickets(), key=_service_order)
                 limit = max(1, self._max_batch_for(first.engine, first.spec))
                 deadline = time.monotonic() + self._wait_s
+                hold_until = deadline + self._incoming.wait_s
+                held = False
                 while self._count(first.group) < limit and not self._stopping:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
+                    now = time.monotonic()
+                    if now < hold_until and self._incoming.pending():
+                        held = True
+                        self._cond.wait(min(INCOMING_POLL_S, hold_until - now))
+                        continue
+                    if held:  # they have just started: the usual window for them to plan and submit
+                        held, deadline = False, max(deadline, now + self._wait_s)
+                    if now >= deadline:
                         break
-                    self._cond.wait(remaining)
+                    self._cond.wait(deadline - now)
                 members = self._take(first.group, limit)
                 if members:  # empty when everything was cancelled during the wait
                     return first, members
