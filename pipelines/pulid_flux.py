@@ -21,11 +21,11 @@ from collections.abc import Hashable
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
 from models.eva_clip import EVAVisionConfig, EVAVisionTower, load_eva_state_dict
 from models.face_parsing import BiSeNet, load_parsing_state_dict
+from models.flux_pipeline import FluxPipeline
 from models.pulid_modules import IDFormer, PuLIDModules
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.engine import BatchResult, ImageItem, ModelIdentity, SamplingStopped, StopCheck
