@@ -26,6 +26,7 @@ class JobOutcome:
     image_errors: dict[int, str] = field(default_factory=dict)
     job_failures: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+    duplicate_images: int = 0  # an image index streamed twice, or twice in the final output
 
     def fail(self, kind: str, reason: str) -> None:
         self.job_failures.append({"job_id": self.id, "kind": kind, "reason": reason[:MAX_ERROR_CHARS]})
@@ -53,11 +54,15 @@ class JobOutcome:
         }
 
 
-def _take_chunk(outcome: JobOutcome, chunk: Any, at_ms: float) -> None:
+def _take_chunk(outcome: JobOutcome, chunk: Any, at_ms: float, streamed: bool = True) -> None:
+    """`streamed=False` for the final output's chunks, which repeat what the stream delivered."""
     if not isinstance(chunk, dict):
         return
     if isinstance(chunk.get("image"), dict):
-        outcome.image_arrival_ms.setdefault(int(chunk["image"].get("index", len(outcome.image_arrival_ms))), at_ms)
+        index = int(chunk["image"].get("index", len(outcome.image_arrival_ms)))
+        if streamed and index in outcome.image_arrival_ms:
+            outcome.duplicate_images += 1
+        outcome.image_arrival_ms.setdefault(index, at_ms)
     if isinstance(chunk.get("image_error"), dict):
         err = chunk["image_error"]
         reason = f"{err.get('code')}: {err.get('message')}"[:MAX_ERROR_CHARS]
@@ -121,8 +126,10 @@ def _take_final(outcome: JobOutcome, final: dict[str, Any], now_ms: float) -> No
     outcome.execution_ms = final.get("executionTime")
     output = final.get("output")
     if outcome.status == "COMPLETED" and isinstance(output, list):
+        indices = [c["image"].get("index") for c in output if isinstance(c, dict) and isinstance(c.get("image"), dict)]
+        outcome.duplicate_images += len(indices) - len(set(indices))
         for chunk in output:  # chunks the stream did not deliver count from now
-            _take_chunk(outcome, chunk, now_ms)
+            _take_chunk(outcome, chunk, now_ms, streamed=False)
     elif outcome.status == "COMPLETED" and isinstance(output, dict):
         for image in output.get("images") or []:  # a merged result instead of the chunk list
             _take_chunk(outcome, {"image": image}, now_ms)

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from cachetools import LRUCache
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
 from models.eva_clip import EVAVisionConfig, EVAVisionTower, load_eva_state_dict
 from models.face_parsing import BiSeNet, load_parsing_state_dict
+from models.flux_pipeline import FluxPipeline, calculate_shift
 from models.pulid_modules import IDFormer, PuLIDModules
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.engine import BatchResult, ImageItem, ModelIdentity, Row, StopCheck, call_model, generate_lockstep

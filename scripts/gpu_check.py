@@ -494,10 +494,11 @@ def build_consistent(ctx: Context) -> Any:
     initialised on the GPU, the published PuLID sizes, the demo bundle's tokenizers and scheduler.
     Small: the demo bundle as the worker loads it. Identity encoding (face detector, EVA) is not
     part of the timed generation and is left out: the id tokens are random, at their real shape."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from models.demo_pulid import ensure_demo_bundle
+    from models.flux_pipeline import FluxPipeline
     from models.pulid_modules import PuLIDModules
     from pipelines.pulid_flux import PuLIDFluxPipeline
     from scripts.bench_gpu import _cheap_init

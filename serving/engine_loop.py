@@ -2,15 +2,15 @@
 
 Jobs submit their images from the event loop (`submit`); one thread asks the scheduler
 (serving/scheduler.py) for the next model call, starts the rows it names that have not started
-(their text encoded, noise drawn), runs the call, and decodes finished rows in chunks between
-calls, handing each image to its job's `on_outcome` as soon as it is decoded. The event loop (job
-fetching, heartbeats, cancellation, streaming) never waits on the model.
+(text encoded, noise drawn), runs the call, and decodes finished rows between calls, handing each
+image to its job's `on_outcome` as soon as it is decoded. The event loop never waits on the model.
 
 Isolated: a call that runs out of memory is split in halves (and the group's calls stay at most
 that small), a failing call is retried one row at a time so only the row at fault fails, a row
 whose own update fails fails alone, a cancelled job's rows leave at the next call. An unrecoverable
 device error is reported to `on_fatal`. When the GPU is idle, the first call waits up to `wait_s`
-for compatible rows to arrive, so jobs that come together start together.
+for compatible rows (jobs that come together start together), longer while jobs are on their way
+(`IncomingJobs`: taken from the platform, not started), at most `incoming.wait_s` more.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -28,6 +29,29 @@ from serving.job_ticket import ImageOutcome, JobTicket, JobUsage
 from serving.scheduler import Call, Job, Priority, Scheduler, Slot
 
 log = logging.getLogger(__name__)
+INCOMING_POLL_S = 0.005  # `incoming` is a plain predicate: looked at this often while it holds a call
+
+
+@dataclass(frozen=True)
+class IncomingJobs:
+    """Jobs the worker has taken that have not reached the scheduler yet: `pending()` says whether
+    there are any (called from the GPU thread); they arrive within `wait_s`."""
+
+    pending: Callable[[], bool]
+    wait_s: float
+
+
+NO_INCOMING = IncomingJobs(pending=lambda: False, wait_s=0.0)
+
+
+@dataclass
+class _Admission:
+    """The first call of an idle GPU, waiting for company: until `deadline`, or while jobs are on
+    their way until `hold_until` (then the usual window again for them to submit)."""
+
+    deadline: float
+    hold_until: float
+    held: bool = False
 def _ticket(slot: Slot) -> JobTicket:
     return slot.job.owner
 
@@ -45,6 +69,7 @@ class EngineLoop:
         is_fatal: Callable[[BaseException], bool],
         on_fatal: Callable[[BaseException], None],
         clock: Callable[[], float] = time.perf_counter,
+        incoming: IncomingJobs = NO_INCOMING,
     ) -> None:
         self._scheduler = scheduler
         self._clock = clock  # seconds: arrivals, the admission wait and the calls' measured cost
@@ -54,6 +79,7 @@ class EngineLoop:
         self._is_oom = is_oom
         self._is_fatal = is_fatal
         self._on_fatal = on_fatal
+        self._incoming = incoming
         self._tickets: dict[str, JobTicket] = {}
         self._cond = threading.Condition()
         self._stopping = False
@@ -125,6 +151,7 @@ class EngineLoop:
     def _next_work(self) -> Call | list[Slot] | None:
         """The scheduler's next model call or decode chunk, once due; None to stop."""
         with self._cond:
+            admission: _Admission | None = None
             while not self._stopping:
                 work = self._scheduler.next()
                 if isinstance(work, list):
@@ -132,18 +159,27 @@ class EngineLoop:
                 if work is None:
                     self._cond.wait()
                     continue
-                wait = self._admission_wait(work)
+                if admission is None:
+                    deadline = work.top.arrival_s + self._wait_s
+                    admission = _Admission(deadline, deadline + self._incoming.wait_s)
+                wait = self._admission_wait(work, admission)
                 if wait <= 0:
                     return work
                 self._cond.wait(wait)
             return None
 
-    def _admission_wait(self, call: Call) -> float:
+    def _admission_wait(self, call: Call, admission: _Admission) -> float:
         """Seconds to wait for more rows before a call: only when the GPU is idle and the call is
-        not full, for at most `wait_s` after its top job arrived."""
+        not full, for at most `wait_s` after its top job arrived, or while jobs are on their way."""
         if len(call.slots) >= call.limit or self._scheduler.has_started_rows():
             return 0.0
-        return call.top.arrival_s + self._wait_s - self._clock()
+        now = self._clock()
+        if now < admission.hold_until and self._incoming.pending():
+            admission.held = True
+            return min(INCOMING_POLL_S, admission.hold_until - now)
+        if admission.held:  # they have just started: the usual window for them to plan and submit
+            admission.held, admission.deadline = False, max(admission.deadline, now + self._wait_s)
+        return admission.deadline - now
 
     def _run_call(self, call: Call) -> None:
         engine = _ticket(call.slots[0]).engine

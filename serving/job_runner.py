@@ -99,7 +99,10 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, engine_loop:
     try:
         while tally.completed + tally.failed < total:
             try:
-                outcome, delivered, encode_ms = await asyncio.wait_for(finished.get(), deadline - time.perf_counter())
+                # not asyncio.wait_for: on Python 3.11 it returns a result that is ready when the
+                # job's task is cancelled (RunPod's stop signal) and drops the cancellation
+                async with asyncio.timeout(deadline - time.perf_counter()):
+                    outcome, delivered, encode_ms = await finished.get()
             except TimeoutError:
                 break
             tally.image_encoding_ms += encode_ms

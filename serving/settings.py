@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     pulid_identity_cache: int = Field(32, ge=1, le=10_000)
     pulid_start_step: int = Field(4, ge=0, le=50)
     # scheduling and limits
-    concurrency: int = Field(4, ge=1, le=64)
+    concurrency: int = Field(8, ge=1, le=64)
     max_batch: int = Field(0, ge=0, le=64)
     batch_wait_ms: int = Field(15, ge=0, le=1000)
     batch_join_cost: float = Field(0.5, ge=0, le=1)

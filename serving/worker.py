@@ -19,7 +19,7 @@ from pipelines.startup import free_gpu_bytes
 from serving.capabilities import capabilities, max_batch_spec
 from serving.delivery import StorageIO
 from serving.device import batch_limit, is_fatal_device_error, is_oom
-from serving.engine_loop import EngineLoop
+from serving.engine_loop import NO_INCOMING, EngineLoop, IncomingJobs
 from serving.errors import JobError
 from serving.job_runner import ProgressSink, run_plan
 from serving.modes import ConsistentMode, FastMode, Modes
@@ -38,7 +38,7 @@ class Worker:
     """Owns the warm engines, the engine loop and the encode/storage pools."""
 
     def __init__(self, settings: Settings, engines: LoadedEngines, startup: StartupTimer | None = None,
-                 on_fatal: Callable[[], None] = lambda: None) -> None:
+                 on_fatal: Callable[[], None] = lambda: None, incoming: IncomingJobs = NO_INCOMING) -> None:
         self.settings = settings
         self.engine = engines.fast
         self.modes = Modes(FastMode(engines.fast, settings),
@@ -55,15 +55,17 @@ class Worker:
         self.engine_loop = EngineLoop(Scheduler(policy),
                                       max_batch_for=self.max_batch_for, wait_s=settings.batch_wait_ms / 1000,
                                       decode_megapixels=settings.decode_megapixels, is_oom=is_oom,
-                                      is_fatal=is_fatal_device_error, on_fatal=lambda err: on_fatal())
+                                      is_fatal=is_fatal_device_error, on_fatal=lambda err: on_fatal(),
+                                      incoming=incoming)
 
     @classmethod
     def start(cls, settings: Settings, startup: StartupTimer | None = None,
-              on_fatal: Callable[[], None] = lambda: None) -> Worker:
+              on_fatal: Callable[[], None] = lambda: None, incoming: IncomingJobs = NO_INCOMING) -> Worker:
         """Load the models before any job; `on_fatal` is called once the GPU is broken for good
-        (the handler asks RunPod for a fresh worker)."""
+        (the handler asks RunPod for a fresh worker); `incoming` tells the scheduler about jobs
+        the worker has taken that have not started yet (handler.py: the SDK's)."""
         startup = startup or StartupTimer()
-        return cls(settings, load_engines(settings, startup), startup, on_fatal)
+        return cls(settings, load_engines(settings, startup), startup, on_fatal, incoming)
 
     def max_batch_for(self, engine: Engine, spec: Any) -> int:
         """MAX_BATCH when set; else what free GPU memory holds at this size (4 on CPU), at most 16."""

@@ -20,7 +20,7 @@ import torch
 
 from pipelines.engine import ImageItem, ModelIdentity, Row, call_model
 from pipelines.z_image import BatchSpec
-from serving.engine_loop import EngineLoop
+from serving.engine_loop import NO_INCOMING, EngineLoop, IncomingJobs
 from serving.job_ticket import ImageOutcome
 from serving.scheduler import CallCosts, Policy, Scheduler
 
@@ -121,10 +121,12 @@ def make_loop():
     loops: list[EngineLoop] = []
 
     def make(engine: StubEngine, costs: CallCosts | None = None, max_batch: int = 4, wait_s: float = 0.0,
-             decode_megapixels: float = 0.25, fatal=lambda err: False, on_fatal=lambda err: None) -> EngineLoop:
+             decode_megapixels: float = 0.25, fatal=lambda err: False, on_fatal=lambda err: None,
+             incoming: IncomingJobs = NO_INCOMING) -> EngineLoop:
         loop = EngineLoop(Scheduler(Policy(work_weight=1.0, priority_offset_s=30, join_cost=0.5), costs),
                           lambda engine, spec: max_batch, wait_s, decode_megapixels,
-                          lambda err: isinstance(err, torch.OutOfMemoryError), fatal, on_fatal, engine.clock)
+                          lambda err: isinstance(err, torch.OutOfMemoryError), fatal, on_fatal, engine.clock,
+                          incoming)
         loops.append(loop)
         return loop
 
@@ -190,6 +192,31 @@ def test_jobs_arriving_together_on_an_idle_gpu_start_together(make_loop):
     recorder.wait("a", 1)
     recorder.wait("b", 2)
     assert engine.calls == [["a0", "b0", "b1"]] * 6
+
+
+def test_a_job_on_its_way_joins_the_first_call_that_waited_for_it(make_loop):
+    """Jobs the worker has taken but not started (under the runpod SDK: handler.py) hold an idle
+    GPU's first call past `wait_s`; once they start, the usual window lets them plan and submit.
+    Through the real SDK loop: tests/endpoint/test_real_loop.py."""
+    on_its_way = threading.Event()
+    on_its_way.set()
+    engine = StubEngine()
+    incoming = IncomingJobs(pending=on_its_way.is_set, wait_s=30.0)
+    loop, recorder = make_loop(engine, wait_s=0.2, incoming=incoming), Recorder()
+    loop.submit("a", engine, SPEC, items("a", 1), recorder.sink("a"))
+    threading.Timer(0.3, on_its_way.clear).start()  # past the 0.2 s window: only the hold keeps "a" waiting
+    threading.Timer(0.35, lambda: loop.submit("b", engine, SPEC, items("b", 1), recorder.sink("b"))).start()
+    recorder.wait("a", 1)
+    recorder.wait("b", 1)
+    assert engine.calls == [["a0", "b0"]] * SPEC.steps
+
+
+def test_the_hold_for_jobs_on_their_way_is_bounded(make_loop):
+    engine = StubEngine()
+    loop, recorder = make_loop(engine, wait_s=0.01, incoming=IncomingJobs(pending=lambda: True, wait_s=0.1)), Recorder()
+    ticket = loop.submit("a", engine, SPEC, items("a", 1), recorder.sink("a"))
+    recorder.wait("a", 1)
+    assert engine.calls == [["a0"]] * SPEC.steps and loop.usage(ticket).batch_sizes == [1]
 
 
 def test_out_of_memory_splits_the_call_and_later_calls_stay_that_small(make_loop):
