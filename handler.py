@@ -60,7 +60,7 @@ from typing import Any  # noqa: E402
 import runpod.serverless  # noqa: E402
 from runpod.serverless.modules.worker_state import JobsProgress  # noqa: E402
 
-from serving.batcher import IncomingJobs  # noqa: E402
+from serving.engine_loop import IncomingJobs  # noqa: E402
 from serving.local_run import run_local_job  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.startup_timing import StartupTimer  # noqa: E402
@@ -120,7 +120,7 @@ WORKER.progress_sink = report_progress
 
 
 def concurrency_modifier(current: int) -> int:
-    """Jobs one worker holds at once (CONCURRENCY); the batcher merges their images on the one GPU.
+    """Jobs one worker holds at once (CONCURRENCY); the engine loop runs their images on the one GPU.
     A constant: the SDK resizes its queue only when no job is in flight (docs/ENDPOINT.md)."""
     return WORKER.settings.concurrency
 

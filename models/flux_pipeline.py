@@ -5,7 +5,7 @@ IP-Adapter, which we never load). Since transformers 5 those names mean the torc
 no torchvision (none is built for our torch, on CPU or in the image) transformers falls back to the PIL
 classes and logs "requires torchvision (not installed)" for each, at every start: it reads like a broken
 install. Binding the two names to the PIL classes before that import is the same fallback, chosen here once.
-Import `FluxPipeline` from this module, never from diffusers directly.
+Import `FluxPipeline` (and its module's `calculate_shift`) from this module, never from diffusers directly.
 """
 
 from __future__ import annotations
@@ -32,5 +32,6 @@ def bind_pil_image_processors() -> None:
 bind_pil_image_processors()
 
 from diffusers import FluxPipeline  # noqa: E402  (after the names are bound)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # noqa: E402  (the same module)
 
-__all__ = ["FluxPipeline"]
+__all__ = ["FluxPipeline", "calculate_shift"]

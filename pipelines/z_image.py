@@ -1,10 +1,11 @@
-"""The Z-Image engine: the warm model and the three stages of a batched generation.
+"""The Z-Image engine: the warm model, serving rows (images in flight) one model call at a time.
 
 It holds one diffusers `ZImagePipeline` (loaded once, from a local diffusers-format folder) and
-runs its components directly, stage by stage, so that each stage can be timed, text encodings
-cached, the sampler chosen (flow-match Euler or the danrisi graph's ralston_2s), and a cancelled
-batch stopped between model calls. The simple workflow reproduces `ZImagePipeline.__call__`
-(tests/pipelines/test_z_image.py checks the pixels). It implements `pipelines.engine.Engine`.
+runs its components directly: `start` encodes the prompts (cached) and draws each image's noise,
+`step` runs one transformer call over any rows of one batch key (each at its own sigma, with its
+own sampler, guidance and LoRAs), `finish` decodes. The simple workflow reproduces
+`ZImagePipeline.__call__` (tests/pipelines/test_z_image.py checks the pixels), the danrisi
+workflow the users' ComfyUI graph. It implements `pipelines.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 from collections.abc import Hashable
@@ -24,9 +25,11 @@ import torch
 from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.counting_cache import CountingLRU
-from pipelines.engine import BatchResult, ImageItem, ModelIdentity, StopCheck
+from pipelines.engine import BatchResult, ImageItem, ModelIdentity, Row, StopCheck, call_model, generate_lockstep
 from pipelines.lora import MixedLoraLayers
-from pipelines.samplers import danrisi_sigmas, danrisi_start_noise, sample_danrisi, sample_euler, simple_sigmas
+from pipelines.samplers import (
+    danrisi, danrisi_calls, danrisi_sigmas, danrisi_start_noise, euler, euler_calls, simple_sigmas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ def read_model_identity(model_dir: Path) -> ModelIdentity:
 
 @dataclass(frozen=True)
 class BatchSpec:
-    """What every image of one pipeline call shares."""
+    """What every image of one request shares (rows of different specs may still share a model
+    call: only `batch_key` decides)."""
 
     width: int
     height: int
@@ -66,6 +70,20 @@ class BatchSpec:
     def cfg(self) -> bool:
         """Classifier-free guidance: a second forward per step, on the negative prompt."""
         return self.guidance_scale > 0
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """A row's text encodings (unpadded token rows): its prompt's and, with CFG, its negative's."""
+
+    text: torch.Tensor
+    negative: torch.Tensor | None
+
+
+@cache
+def sigma_schedule(workflow: str, steps: int, shift: float) -> torch.Tensor:
+    """The workflow's sigmas (shared, never written to: the samplers build new tensors)."""
+    return danrisi_sigmas(steps, shift) if workflow == "z-image-danrisi" else simple_sigmas(steps, shift)
 
 
 def padded_caption_length(tokens: int) -> int:
@@ -85,7 +103,7 @@ def pick_device(preference: str) -> str:
 
 
 class ZImageEngine:
-    """One warm Z-Image pipeline; `generate` runs one batch through encode → denoise → decode."""
+    """One warm Z-Image pipeline: rows started, stepped one model call at a time, decoded."""
 
     name = "z-image"
     fp8_blocks = ("layers",)  # the main blocks; the refiners stay bf16
@@ -123,14 +141,23 @@ class ZImageEngine:
 
     # -- the Engine interface (pipelines/engine.py) ------------------------------------------------
     def batch_key(self, spec: BatchSpec, item: ImageItem) -> Hashable:
-        """Images merge only when their texts pad alike, so a merged batch runs the model on the
-        same token layout as each image alone (no cross-image attention padding)."""
+        """Rows share a model call when their latents have one shape and their texts pad alike, so
+        the call runs the model on the same token layout as each row alone (no cross-image
+        attention padding), and CFG is on for all or none. Steps, sampler, guidance scale, eta
+        and LoRAs are per row: danrisi and simple rows of one size share calls."""
         texts = [item.prompt] + ([item.negative_prompt] if spec.cfg else [])
-        return (spec, tuple(self.text_length_bucket(t) for t in texts))
+        return (spec.width, spec.height, spec.cfg, tuple(self.text_length_bucket(t) for t in texts))
 
     def activation_bytes(self, spec: BatchSpec) -> float:
         """Peak activation memory of one image of `spec` on the GPU (CFG runs a second forward)."""
         return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20 * (2 if spec.cfg else 1)
+
+    def model_calls(self, spec: BatchSpec) -> int:
+        sigmas = self.sigmas(spec)
+        return danrisi_calls(sigmas) if spec.workflow == "z-image-danrisi" else euler_calls(sigmas)
+
+    def sigmas(self, spec: BatchSpec) -> torch.Tensor:
+        return sigma_schedule(spec.workflow, spec.steps, float(self.pipe.scheduler.config.get("shift", 3.0)))
 
     def numerics(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype), "fp8_layers": self.acceleration.fp8_layers}
@@ -195,13 +222,15 @@ class ZImageEngine:
         ]
         return torch.cat(noises).float()
 
-    def velocity_function(self, text: list[torch.Tensor], negative: list[torch.Tensor] | None, guidance: float):
-        """v(x, sigma) as ZImagePipeline computes it, with classifier-free guidance when asked.
+    def velocity_function(self, text: list[torch.Tensor], negative: list[torch.Tensor] | None,
+                          guidance: float | torch.Tensor):
+        """v(x, sigma) as ZImagePipeline computes it (sigma: one per row), with classifier-free
+        guidance when asked (`guidance`: one scale, or one per row shaped (B, 1, 1, 1)).
 
         The transformer masks attention only when a batch's captions pad to different lengths.
-        The batcher never merges such prompts, so only CFG can mix them (prompt vs negative
-        prompt); then the two halves run as two unmasked calls instead of one masked call, which
-        keeps every forward on the fast (mask-free) attention kernel and its compiled graph.
+        Rows of one batch key pad alike, so only CFG can mix them (prompt vs negative prompt);
+        then the two halves run as two unmasked calls instead of one masked call, which keeps
+        every forward on the fast (mask-free) attention kernel and its compiled graph.
         """
         transformer = self.pipe.transformer
         captions = text + (negative or [])
@@ -227,22 +256,43 @@ class ZImageEngine:
 
         return velocity
 
+    def make_rows(self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None,
+                  items: list[ImageItem], spec: BatchSpec) -> list[Row]:
+        """One row per item from its start latents (noise[i]) and encodings, its sampler set at the
+        start of its schedule. (Where an image-to-image row would start part-way down the schedule
+        from a noised init latent.)"""
+        sigmas = self.sigmas(spec)
+        rows = []
+        for i, item in enumerate(items):
+            x = noise[i : i + 1]
+            if spec.workflow == "z-image-danrisi":
+                sampler, calls = danrisi(x, sigmas, item.seed, spec.eta), danrisi_calls(sigmas)
+            else:
+                sampler, calls = euler(x, sigmas), euler_calls(sigmas)
+            conditioning = TextConditioning(text[i], negative[i] if negative is not None else None)
+            rows.append(Row(sampler, calls, item, spec, conditioning))
+        return rows
+
     @torch.no_grad()
-    def denoise(
-        self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None, spec: BatchSpec,
-        should_stop: StopCheck, seeds: list[int],
-    ) -> torch.Tensor:
-        """The sampling loop. If the compiled blocks fail to compile (at warm-up, or for a shape
-        first seen in a job), the engine turns eager for good and samples again from the same noise
-        (danrisi's SDE noise too: its generators are made inside the sampler, from `seeds`)."""
-        shift = float(self.pipe.scheduler.config.get("shift", 3.0))
-        velocity = self.velocity_function(text, negative, spec.guidance_scale)
-        if spec.workflow == "z-image-danrisi":
-            sample = partial(sample_danrisi, noise, danrisi_sigmas(spec.steps, shift), velocity, should_stop,
-                             seeds=seeds, eta=spec.eta)
-        else:
-            sample = partial(sample_euler, noise, simple_sigmas(spec.steps, shift), velocity, should_stop)
-        return with_compile_fallback(sample, self.pipe.transformer, self.acceleration)
+    def start(self, items: list[ImageItem], spec: BatchSpec) -> list[Row]:
+        """Rows for new images: their prompts encoded in one batch (cached), their noise drawn."""
+        text = self.encode_prompts([item.prompt for item in items])
+        negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
+        noise = self.initial_noise([item.seed for item in items], spec.width, spec.height, spec.workflow)
+        return self.make_rows(noise, text, negative, items, spec)
+
+    @torch.no_grad()
+    def step(self, rows: list[Row]) -> None:
+        """One transformer call (two halves with CFG) over rows of one batch key, each row at its
+        own sigma with its own guidance scale and LoRAs. If the compiled blocks fail to compile (a
+        shape first seen here), the engine turns eager for good and runs the call again: it
+        changed no row."""
+        conditioning: list[TextConditioning] = [row.conditioning for row in rows]
+        negative = [c.negative for c in conditioning] if rows[0].spec.cfg else None
+        guidance = torch.tensor([row.spec.guidance_scale for row in rows], device=self.device).view(-1, 1, 1, 1)
+        velocity = self.velocity_function([c.text for c in conditioning], negative, guidance)
+        with self.lora_layers.active([row.item.loras for row in rows]):
+            with_compile_fallback(lambda: call_model(rows, velocity), self.pipe.transformer, self.acceleration)
 
     # -- stage 3: pixels ------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,29 +304,12 @@ class ZImageEngine:
         pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
+    def finish(self, rows: list[Row]) -> np.ndarray:
+        return self.decode(torch.cat([row.latents for row in rows]))
+
     def generate(self, items: list[ImageItem], spec: BatchSpec, should_stop: StopCheck = lambda: False) -> BatchResult:
-        """One pipeline call for a batch of images that share `spec`."""
-        timings: dict[str, float] = {}
-
-        def mark(stage: str, since: float) -> float:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            now = time.perf_counter()
-            timings[stage] = round((now - since) * 1000, 2)
-            return now
-
-        started = time.perf_counter()
-        text = self.encode_prompts([item.prompt for item in items])
-        negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
-        started = mark("text_encoding", started)
-        seeds = [item.seed for item in items]
-        noise = self.initial_noise(seeds, spec.width, spec.height, spec.workflow)
-        with self.lora_layers.active([item.loras for item in items]):
-            latents = self.denoise(noise, text, negative, spec, should_stop, seeds)
-        started = mark("denoising", started)
-        images = self.decode(latents)
-        mark("decoding", started)
-        return BatchResult(images=images, timings_ms=timings)
+        """The images of `items` together, start to pixels (`generate_lockstep`)."""
+        return generate_lockstep(self, items, spec, should_stop)
 
     def generate_fixed(self, prompt: str, count: int, width: int, height: int, steps: int,
                        loras: tuple[tuple[Any, float], ...] = ()) -> BatchResult:

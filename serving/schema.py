@@ -11,6 +11,7 @@ from pydantic import (
 )
 
 from serving.errors import JobError
+from serving.scheduler import Priority
 
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGES = 16
@@ -87,6 +88,7 @@ class GenerateRequest(BaseModel):
     identity_start_step: int | None = Field(None, ge=0, le=MAX_STEPS - 1)
     fallback: Literal["none", "fast"] = "none"
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    priority: Priority | None = None  # the scheduler's ranking: head start or handicap (serving/scheduler.py)
     _size_note: str | None = PrivateAttr(None)
 
     @field_validator("prompt", "negative_prompt")
@@ -202,6 +204,7 @@ def input_limits() -> dict[str, Any]:
         "guidance_scale": span("guidance_scale"), "prompt_chars": _constraints("prompt")["max_length"],
         "seed": span("seed"), "aspect_ratios": list(ASPECT_RATIOS), "output_formats": list(get_args(ImageFormat)),
         "id_weight": span("id_weight"), "loras": MAX_LORAS, "lora_scale": [-MAX_LORA_SCALE, MAX_LORA_SCALE],
+        "priorities": list(get_args(Priority)),
     }
 
 

@@ -22,16 +22,16 @@ CUDA_FAILURE = "CUDA error: an illegal memory access was encountered"
 
 
 def fail_once_when_armed(engine: Engine, trigger: Path) -> None:
-    real_generate = engine.generate
+    real_step = engine.step
 
-    def generate(items: Any, spec: Any, should_stop: Any) -> Any:
+    def step(rows: Any) -> Any:
         try:
             trigger.unlink()  # atomic: one model call, in one process, gets the fault
         except FileNotFoundError:
-            return real_generate(items, spec, should_stop)
+            return real_step(rows)
         raise RuntimeError(CUDA_FAILURE)
 
-    engine.generate = generate  # type: ignore[method-assign]
+    engine.step = step  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -43,9 +43,12 @@ def gpu_fault_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def endpoint(gpu_fault_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundEndpoint]:
-    """One worker process for the module: it imports torch and builds the demo model (seconds)."""
+    """One worker process for the module: it imports torch and builds the demo model (seconds). Its
+    rows always join (BATCH_JOIN_COST=1): the tests count shared model calls, not how this machine
+    times them (serving/scheduler.py)."""
     pool = PoolSettings(command=(sys.executable, "-m", "tests.endpoint.gpu_fault_worker"),
-                        env={GPU_FAULT_ENV: str(gpu_fault_file)}, log_dir=tmp_path_factory.mktemp("workers"))
+                        env={GPU_FAULT_ENV: str(gpu_fault_file), "BATCH_JOIN_COST": "1"},
+                        log_dir=tmp_path_factory.mktemp("workers"))
     with running_endpoint(pool) as server:
         yield server
 

@@ -108,7 +108,7 @@ def test_auto_text_encoder_leaves_the_gpu_only_when_one_image_would_not_fit(demo
 # -- attention -----------------------------------------------------------------------------------
 def test_masks_are_skipped_when_every_caption_pads_alike(transformer):
     """diffusers passes attn_mask=None for equal lengths: a kernel that refuses masks runs such a
-    batch (the batcher's grouping relies on it), and refuses one with mixed lengths."""
+    batch (the scheduler.s batch keys rely on it), and refuses one with mixed lengths."""
     transformer.set_attention_backend("_native_flash")
     assert _forward(transformer, [20, 25]).isfinite().all()  # both pad to 32 tokens
     with pytest.raises(ValueError, match="attn_mask"):
