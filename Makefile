@@ -1,12 +1,14 @@
 # Two commands on a fresh machine: `make run` and `make test` (ruff, then every test; `-m "not slow"`
 # in PYTEST_ARGS skips the Inductor compile tests). `make setup` prepares .venv alone.
+# `make test-shuffled`: the same suite in a random order (pytest-randomly), its seed printed first;
+# SEED=n repeats an order. `make test` and CI keep file order (pyproject.toml: -p no:randomly).
 # `make bench`: the in-process batching benchmark at its defaults (docs/BENCHMARKS.md, ~1 min on 2 cores).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test test-shuffled bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +26,12 @@ run: setup
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-shuffled: setup
+	$(PY) -m ruff check .
+	$(eval SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' '))
+	@echo "test order: seed $(SEED) (make test-shuffled SEED=$(SEED) repeats it)"
+	$(PY) -m pytest -q tests -p randomly --randomly-seed=$(SEED) $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m scripts.bench_batching

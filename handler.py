@@ -3,8 +3,9 @@
     python handler.py                       # on RunPod: the worker loop
     python handler.py --test_input '{"input": {"prompt": "..."}}'   # one local job
     python handler.py                       # locally, with test_input.json in the folder
-    python handler.py --rp_serve_api [--rp_api_port 8000] [--rp_api_host localhost]
-                                            # the local RunPod endpoint API (docs/ENDPOINT.md)
+    python handler.py --rp_serve_api [--rp_api_port 8000] [--rp_api_host localhost] [--workers 1]
+                                            # the local RunPod endpoint: a job server, with
+                                            # `python handler.py` workers on it (docs/ENDPOINT.md)
 
 Everything but the wiring lives in `serving/` (see docs/ARCHITECTURE.md).
 """
@@ -21,19 +22,45 @@ os.environ.setdefault("RUNPOD_LOG_LEVEL", "INFO")
 
 import time  # noqa: E402
 
+# "imports" is what this start paid to import the worker: everything when the handler runs first in its
+# interpreter (python handler.py, as on RunPod); next to nothing, truthfully, when its host process had
+# already imported torch, diffusers and the rest (the tests, a host that preloads them).
 IMPORTS_STARTED = time.perf_counter()
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--test_input", help="a job as JSON, e.g. '{\"input\": {\"prompt\": \"...\"}}'")
+    parser.add_argument("--output_dir", default="outputs", help="where a local run saves its images")
+    parser.add_argument("--rp_serve_api", action="store_true", help="serve the local RunPod endpoint")
+    parser.add_argument("--rp_api_port", type=int, default=8000, help="its port (default %(default)s)")
+    parser.add_argument("--rp_api_host", default="localhost", help="its host (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=1, help="its worker processes (default %(default)s)")
+    args, _ = parser.parse_known_args(argv)
+    return args
+
+
+if __name__ == "__main__" and (_serve_args := parse_args(sys.argv[1:])).rp_serve_api:
+    # The local endpoint's own process loads no model: its workers are `python handler.py`.
+    from endpoint.server import serve_handler_api
+
+    serve_handler_api(_serve_args.rp_api_host, _serve_args.rp_api_port, _serve_args.workers)
+    sys.exit(0)
+
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import sys  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any
-from collections.abc import AsyncIterator, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import runpod.serverless  # noqa: E402
+from runpod.serverless.modules.worker_state import JobsProgress  # noqa: E402
 
+from serving.engine_loop import IncomingJobs  # noqa: E402
 from serving.local_run import run_local_job  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.startup_timing import StartupTimer  # noqa: E402
@@ -45,6 +72,10 @@ STARTUP.record("imports", (time.perf_counter() - IMPORTS_STARTED) * 1000)
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 CONFIG: dict[str, Any] = {}
+# The SDK's JobScaler.run_jobs starts the jobs it took at its next 0.1 s tick; a busy loop adds a
+# little. The scheduler holds a batch at most this long for such a job (docs/ENDPOINT.md).
+SDK_PICKUP_S = 0.25
+_started_jobs: set[str] = set()  # ids whose handler has begun, among those the SDK still holds
 
 
 def request_fresh_worker() -> None:
@@ -53,19 +84,34 @@ def request_fresh_worker() -> None:
     CONFIG["refresh_worker"] = True
 
 
-WORKER = Worker.start(load_settings(), STARTUP, on_fatal=request_fresh_worker)
+def _sdk_held_job_ids() -> set[str]:
+    """Jobs the SDK has taken and not finished. `set.copy` is one C call under the GIL, so the
+    GPU thread can read the set while the event loop changes it."""
+    return {job.id for job in set.copy(JobsProgress())}
+
+
+def jobs_taken_not_started() -> bool:
+    """Whether the SDK holds a job whose handler has not begun: it will at the SDK's next tick,
+    and its images should share the next model call rather than wait for the one after."""
+    return bool(_sdk_held_job_ids() - _started_jobs)
+
+
+WORKER = Worker.start(load_settings(), STARTUP, on_fatal=request_fresh_worker,
+                      incoming=IncomingJobs(pending=jobs_taken_not_started, wait_s=SDK_PICKUP_S))
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """The RunPod handler: an async generator streaming one chunk per image, then a summary."""
+    _started_jobs.intersection_update(_sdk_held_job_ids())  # forget jobs the SDK has finished
+    _started_jobs.add(str(job.get("id")))
     async for chunk in WORKER.run_job(job):
         yield chunk
 
 
 def report_progress(job: dict[str, Any], payload: dict[str, Any]) -> None:
-    """`completed/total` for /status while a job runs: on RunPod the SDK posts it to the platform.
-    Elsewhere the SDK would only post to nowhere, so nothing is sent unless a local server set
-    its own sink (`set_progress_sink`)."""
+    """`completed/total` for /status while a job runs: the SDK posts it to the platform (RunPod,
+    or the local endpoint). Elsewhere (a local --test_input run, tests calling the handler) there
+    is no platform to post to."""
     if _on_runpod():
         runpod.serverless.progress_update(job, payload)
 
@@ -73,13 +119,9 @@ def report_progress(job: dict[str, Any], payload: dict[str, Any]) -> None:
 WORKER.progress_sink = report_progress
 
 
-def set_progress_sink(sink: Callable[[dict[str, Any], Any], None]) -> None:
-    """Where progress goes instead: the local endpoint (endpoint/loader.py) passes its router."""
-    WORKER.progress_sink = sink
-
-
 def concurrency_modifier(current: int) -> int:
-    """Jobs one worker takes at once; the batcher merges their images on the one GPU."""
+    """Jobs one worker holds at once (CONCURRENCY); the engine loop runs their images on the one GPU.
+    A constant: the SDK resizes its queue only when no job is in flight (docs/ENDPOINT.md)."""
     return WORKER.settings.concurrency
 
 
@@ -88,18 +130,7 @@ def _on_runpod() -> bool:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test_input", help="a job as JSON, e.g. '{\"input\": {\"prompt\": \"...\"}}'")
-    parser.add_argument("--output_dir", default="outputs", help="where a local run saves its images")
-    parser.add_argument("--rp_serve_api", action="store_true", help="serve the local RunPod endpoint API")
-    parser.add_argument("--rp_api_port", type=int, default=8000, help="its port (default %(default)s)")
-    parser.add_argument("--rp_api_host", default="localhost", help="its host (default %(default)s)")
-    args, _ = parser.parse_known_args(argv)
-    if args.rp_serve_api:
-        from endpoint.server import serve_module  # this mode only: the RunPod worker never loads the local server
-
-        serve_module(sys.modules[__name__], host=args.rp_api_host, port=args.rp_api_port)
-        return 0
+    args = parse_args(argv)
     if args.test_input is None and (_on_runpod() or not Path("test_input.json").is_file()):
         CONFIG.update(handler=handler, concurrency_modifier=concurrency_modifier, return_aggregate_stream=True)
         runpod.serverless.start(CONFIG)

@@ -27,6 +27,7 @@ class JobOutcome:
     job_failures: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     first_image: str | None = field(default=None, repr=False)  # image 0 (base64 or URL), kept in memory only
+    duplicate_images: int = 0  # an image index streamed twice, or twice in the final output
 
     def fail(self, kind: str, reason: str) -> None:
         self.job_failures.append({"job_id": self.id, "kind": kind, "reason": reason[:MAX_ERROR_CHARS]})
@@ -54,12 +55,15 @@ class JobOutcome:
         }
 
 
-def _take_chunk(outcome: JobOutcome, chunk: Any, at_ms: float) -> None:
+def _take_chunk(outcome: JobOutcome, chunk: Any, at_ms: float, streamed: bool = True) -> None:
+    """`streamed=False` for the final output's chunks, which repeat what the stream delivered."""
     if not isinstance(chunk, dict):
         return
     if isinstance(chunk.get("image"), dict):
         image = chunk["image"]
         index = int(image.get("index", len(outcome.image_arrival_ms)))
+        if streamed and index in outcome.image_arrival_ms:
+            outcome.duplicate_images += 1
         outcome.image_arrival_ms.setdefault(index, at_ms)
         if index == 0 and outcome.first_image is None:  # a profile set from the base image starts from it
             outcome.first_image = image.get("base64") or image.get("url")
@@ -126,8 +130,10 @@ def _take_final(outcome: JobOutcome, final: dict[str, Any], now_ms: float) -> No
     outcome.execution_ms = final.get("executionTime")
     output = final.get("output")
     if outcome.status == "COMPLETED" and isinstance(output, list):
+        indices = [c["image"].get("index") for c in output if isinstance(c, dict) and isinstance(c.get("image"), dict)]
+        outcome.duplicate_images += len(indices) - len(set(indices))
         for chunk in output:  # chunks the stream did not deliver count from now
-            _take_chunk(outcome, chunk, now_ms)
+            _take_chunk(outcome, chunk, now_ms, streamed=False)
     elif outcome.status == "COMPLETED" and isinstance(output, dict):
         for image in output.get("images") or []:  # a merged result instead of the chunk list
             _take_chunk(outcome, {"image": image}, now_ms)

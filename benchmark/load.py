@@ -1,8 +1,10 @@
 """Load and fault run: many mixed jobs through the endpoint; every job must end as expected.
 
 Good jobs must complete with all their images, bad inputs must fail with an `invalid_input`
-error, cancelled jobs must end CANCELLED (or COMPLETED, whole, if they won the race), and no job
-may be lost (stuck or unknown). Inputs use only the real worker's fields.
+error, cancelled jobs must end CANCELLED (or COMPLETED, whole, if they won the race), no job may
+be lost (stuck or unknown) and no image delivered twice. Inputs use only the real worker's fields.
+Against the local endpoint it also samples each worker's resident memory (/health `local`) as
+the jobs finish, to show whether it stays flat.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class LoadReport:
     problems: list[str] = field(default_factory=list)
     health: dict[str, Any] | None = None
     seconds: float = 0.0
+    worker_rss_mb: list[dict[str, Any]] = field(default_factory=list)  # samples: jobs ended so far, MB per worker
 
     @property
     def ok(self) -> bool:
@@ -73,7 +76,7 @@ class LoadReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "counts": self.counts, "problems": self.problems, "health": self.health,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "worker_rss_mb": self.worker_rss_mb}
 
 
 def _complete(outcome: JobOutcome, job_input: dict[str, Any]) -> bool:
@@ -84,6 +87,8 @@ def _complete(outcome: JobOutcome, job_input: dict[str, Any]) -> bool:
 def check(kind: str, outcome: JobOutcome, job_input: dict[str, Any], report: LoadReport) -> None:
     """Count the outcome, or record why it is not what this kind of job must end as."""
     label = f"job {outcome.id} ({kind})"
+    if outcome.duplicate_images:
+        report.problem(f"{label} delivered {outcome.duplicate_images} image(s) twice")
     if outcome.status is None:
         report.problem(f"{label} lost: {outcome.failures}")
     elif kind == GOOD and _complete(outcome, job_input):
@@ -107,7 +112,11 @@ async def run_load(client: EndpointClient, plan: LoadPlan) -> LoadReport:
     inputs = [plan.job_input(i, rng) for i in range(plan.jobs)]
     slots = asyncio.Semaphore(plan.concurrency)
     t0 = time.monotonic()
-    before = (await client.health()).get("jobs", {})
+    health = await client.health()
+    before = health.get("jobs", {})
+    sample_every = max(1, plan.jobs // 4)
+    ended = 0
+    report.worker_rss_mb.append(_rss_sample(0, health))
 
     async def one(i: int) -> None:
         async with slots:
@@ -122,10 +131,15 @@ async def run_load(client: EndpointClient, plan: LoadPlan) -> LoadReport:
                 await client.cancel(outcome.id)
             await follow(client, outcome, time.monotonic(), plan.job_timeout_s, plan.poll_interval_s)
             check(kind, outcome, inputs[i], report)
+        nonlocal ended
+        ended += 1
+        if ended % sample_every == 0 and ended < plan.jobs:
+            report.worker_rss_mb.append(_rss_sample(ended, await client.health()))
 
     await asyncio.gather(*(one(i) for i in range(plan.jobs)))
     report.seconds = time.monotonic() - t0
     report.health = await client.health()
+    report.worker_rss_mb.append(_rss_sample(plan.jobs, report.health))
     jobs = report.health.get("jobs", {})
     if jobs.get("inQueue") or jobs.get("inProgress"):
         report.problem(f"endpoint still busy after every job ended: {jobs}")
@@ -138,3 +152,9 @@ async def run_load(client: EndpointClient, plan: LoadPlan) -> LoadReport:
         report.problem(f"endpoint counted {jobs.get('failed', 0) - before.get('failed', 0)} failed, "
                        f"clients saw {report.counts['bad_failed_cleanly']}")
     return report
+
+
+def _rss_sample(jobs_ended: int, health: dict[str, Any]) -> dict[str, Any]:
+    """Each worker's resident memory, when the endpoint reports it (the local one does)."""
+    workers = (health.get("local") or {}).get("workers") or []
+    return {"jobs_ended": jobs_ended, "mb": {w.get("id"): w.get("rss_mb") for w in workers if isinstance(w, dict)}}

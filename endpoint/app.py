@@ -1,4 +1,6 @@
-"""The aiohttp application: RunPod endpoint routes under /v2/{endpoint_id}/ over a JobRunner."""
+"""The aiohttp application: the RunPod endpoint API for clients (/run, /runsync, /status, /stream,
+/cancel, /retry, /purge-queue, /health) and the worker protocol (endpoint/worker_api.py) under
+/v2/{endpoint_id}/, both over one Platform."""
 
 from __future__ import annotations
 
@@ -6,18 +8,19 @@ import asyncio
 import hmac
 import json
 import math
-import uuid
+import secrets
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from endpoint import progress
-from endpoint.jobs import IN_PROGRESS, IN_QUEUE, JobRecord, JobStore
-from endpoint.loader import LoadedHandler
-from endpoint.runner import JobRunner, NotRetryable
+from endpoint.jobs import IN_PROGRESS, IN_QUEUE, JobRecord
+from endpoint.platform import NotRetryable, Platform
+from endpoint.pool import WorkerPool
 from endpoint.webhook import WebhookPolicy, WebhookSender, check_webhook_url
+from endpoint.worker_api import WorkerApi, WorkerApiSettings
 
 MB = 1_000_000
 
@@ -35,17 +38,17 @@ class ServerSettings:
     max_queued: int = 1000
     runsync_wait_ms: int = 90_000
     runsync_wait_bounds_ms: tuple[int, int] = (1_000, 300_000)
-    cancel_wait_s: float = 5.0  # how long /cancel waits for a running job to stop
     webhook: WebhookPolicy = field(default_factory=WebhookPolicy)  # RunPod's retries; public targets only
-    worker_id: str = field(default_factory=lambda: f"local-{uuid.uuid4().hex[:12]}")
+    worker_api: WorkerApiSettings = field(default_factory=WorkerApiSettings)
+    worker_key: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)  # workers' Authorization
 
 
 @dataclass
 class ServerState:
     settings: ServerSettings
-    store: JobStore
-    runner: JobRunner
+    platform: Platform
     webhooks: WebhookSender
+    pool: WorkerPool | None = None
 
 
 STATE = web.AppKey("state", ServerState)
@@ -66,10 +69,15 @@ class ApiError(Exception):
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _auth_middleware(api_key: str | None) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _auth_middleware(api_key: str | None, worker_key: str) -> Callable[[web.Request, Handler],
+                                                                         Awaitable[web.StreamResponse]]:
+    """Clients need the API key (if one is set); the worker routes always need the workers' key,
+    sent bare as the SDK sends RUNPOD_AI_API_KEY, so a client cannot take or finish jobs."""
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key is not None and not _authorized(request, api_key.encode()):
+        route_name = request.match_info.route.name or ""
+        key = worker_key if route_name.startswith("worker-") else api_key
+        if key is not None and not _authorized(request, key.encode()):
             return _error(401, "Unauthorized")
         try:
             return await handler(request)
@@ -107,7 +115,7 @@ def _state(request: web.Request) -> ServerState:
 
 
 def _record(request: web.Request) -> JobRecord:
-    record = _state(request).store.lookup(request.match_info["job_id"])
+    record = _state(request).platform.store.lookup(request.match_info["job_id"])
     if record is None:
         raise ApiError(404, "request does not exist")
     return record
@@ -164,7 +172,7 @@ def _execution_timeout_s(body: dict[str, Any], settings: ServerSettings) -> floa
 async def _submit(request: web.Request, max_bytes: int) -> JobRecord:
     state = _state(request)
     body = await _read_request(request, max_bytes)
-    if state.runner.queued >= state.settings.max_queued:
+    if state.platform.queued >= state.settings.max_queued:
         raise ApiError(429, f"queue full ({state.settings.max_queued} jobs)")
     record = JobRecord(
         input=body["input"],
@@ -172,15 +180,15 @@ async def _submit(request: web.Request, max_bytes: int) -> JobRecord:
         s3_config=_s3_config(body),
         webhook=_webhook(body),
     )
-    state.runner.submit(record)
+    state.platform.submit(record)
     return record
 
 
-def status_body(record: JobRecord, worker_id: str) -> dict[str, Any]:
+def status_body(record: JobRecord) -> dict[str, Any]:
     """The /status (and finished /runsync) response."""
     body: dict[str, Any] = {"id": record.id, "status": record.status, **record.timings()}
-    if record.started_at is not None:
-        body["workerId"] = worker_id
+    if record.worker_id is not None:
+        body["workerId"] = record.worker_id
     if record.status == IN_PROGRESS and record.progress is not None:
         body["output"] = record.progress
     elif record.is_final and record.output is not None:
@@ -207,11 +215,11 @@ async def runsync(request: web.Request) -> web.Response:
         await asyncio.wait_for(record.done.wait(), timeout=min(max(wait_ms, low), high) / 1000)
     except TimeoutError:
         return web.json_response({"id": record.id, "status": record.status})
-    return web.json_response(status_body(record, settings.worker_id))
+    return web.json_response(status_body(record))
 
 
 async def status(request: web.Request) -> web.Response:
-    return web.json_response(status_body(_record(request), _state(request).settings.worker_id))
+    return web.json_response(status_body(_record(request)))
 
 
 async def stream(request: web.Request) -> web.Response:
@@ -221,82 +229,63 @@ async def stream(request: web.Request) -> web.Response:
 
 
 async def cancel(request: web.Request) -> web.Response:
-    state = _state(request)
+    """RunPod answers at once: a queued job never starts, a running one is CANCELLED now and its
+    worker gets a stop signal for it."""
     record = _record(request)
-    state.runner.cancel(record)
-    try:
-        await asyncio.wait_for(record.done.wait(), timeout=state.settings.cancel_wait_s)
-    except TimeoutError:
-        pass  # a handler that blocks the loop cannot be interrupted; report what it is now
+    _state(request).platform.cancel(record)
     return web.json_response({"id": record.id, "status": record.status})
 
 
 async def retry(request: web.Request) -> web.Response:
     state = _state(request)
     record = _record(request)
-    if state.runner.queued >= state.settings.max_queued:
+    if state.platform.queued >= state.settings.max_queued:
         raise ApiError(429, f"queue full ({state.settings.max_queued} jobs)")
     try:
-        state.runner.retry(record)
+        state.platform.retry(record)
     except NotRetryable as err:
         raise ApiError(400, str(err)) from None
     return web.json_response({"id": record.id, "status": record.status})
 
 
 async def purge_queue(request: web.Request) -> web.Response:
-    return web.json_response({"removed": _state(request).runner.purge(), "status": "completed"})
+    return web.json_response({"removed": _state(request).platform.purge(), "status": "completed"})
 
 
 async def health(request: web.Request) -> web.Response:
+    """RunPod's shape (`jobs`, `workers: {idle, running}`), plus `local`: each live worker's id,
+    pid, state, jobs and memory, and how many workers ended."""
     state = _state(request)
-    runner = state.runner
-    state.store.prune()
-    counters = runner.counters
-    busy = 1 if runner.running else 0
+    platform = state.platform
+    platform.store.prune()
+    counters = platform.counters
+    states = Counter(seat.state for seat in platform.workers.values())
+    local: dict[str, Any] = {"workers": state.pool.details() if state.pool else [],
+                             "exited": len(state.pool.exits) if state.pool else 0,
+                             "duplicateResults": counters["duplicateResults"]}
     return web.json_response(
         {
             "jobs": {
                 "completed": counters["completed"],
                 "failed": counters["failed"] + counters["timedOut"],
-                "inProgress": runner.running,
-                "inQueue": runner.queued,
+                "inProgress": platform.in_progress,
+                "inQueue": platform.queued,
                 "retried": counters["retried"],
             },
-            "workers": {"idle": 1 - busy, "running": busy},
+            "workers": {"idle": states["idle"], "running": states["running"] + states["draining"]},
+            "local": local,
         }
     )
 
 
-def create_app(loaded: LoadedHandler, settings: ServerSettings | None = None) -> web.Application:
-    """An app serving `loaded`; jobs start on app startup and are cancelled on cleanup."""
-    settings = settings or ServerSettings()
-    app = web.Application(
-        middlewares=[_auth_middleware(settings.api_key)],
-        client_max_size=max(settings.run_max_bytes, settings.runsync_max_bytes) + 1,
-    )
-    hook_name = f"endpoint-{id(app)}"
-
-    async def startup(app: web.Application) -> None:
-        store = JobStore(settings.retention_s)
-        webhooks = WebhookSender(settings.webhook)
-        await webhooks.start()
-
-        def on_final(record: JobRecord) -> None:
-            if record.webhook is not None:
-                webhooks.send(record.id, record.webhook, status_body(record, settings.worker_id))
-
-        runner = JobRunner(loaded.handler, store, loaded.concurrency_modifier, on_final)
-        runner.start()
-        app[STATE] = ServerState(settings=settings, store=store, runner=runner, webhooks=webhooks)
-        progress.register(hook_name, asyncio.get_running_loop(), store.get)
-
-    async def cleanup(app: web.Application) -> None:
-        progress.unregister(hook_name)
-        await app[STATE].runner.stop()
-        await app[STATE].webhooks.close()
-
-    app.on_startup.append(startup)
-    app.on_cleanup.append(cleanup)
+def create_app(state: ServerState) -> web.Application:
+    """Client and worker routes over `state`; starting workers and stopping everything is
+    endpoint.server.LocalEndpoint's job."""
+    settings = state.settings
+    largest_post = max(settings.run_max_bytes, settings.runsync_max_bytes, settings.worker_api.max_post_bytes)
+    app = web.Application(middlewares=[_auth_middleware(settings.api_key, settings.worker_key)],
+                          client_max_size=largest_post + 1)
+    app[STATE] = state
     prefix = "/v2/{endpoint_id}"
     app.router.add_post(f"{prefix}/run", run)
     app.router.add_post(f"{prefix}/runsync", runsync)
@@ -307,4 +296,5 @@ def create_app(loaded: LoadedHandler, settings: ServerSettings | None = None) ->
     app.router.add_post(f"{prefix}/retry/{{job_id}}", retry)
     app.router.add_post(f"{prefix}/purge-queue", purge_queue)
     app.router.add_get(f"{prefix}/health", health)
+    WorkerApi(state.platform, settings.worker_api).add_routes(app, prefix)
     return app

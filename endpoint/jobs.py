@@ -24,9 +24,10 @@ def _ms(seconds: float) -> int:
 
 @dataclass
 class JobRecord:
-    """One request: its input, lifecycle timestamps, undelivered stream chunks and result.
+    """One request: its input, lifecycle timestamps, the worker holding it, undelivered stream
+    chunks and result.
 
-    `s3_config` goes to the handler as `job["s3Config"]` and never into a response; `webhook`
+    `s3_config` goes to the worker as `job["s3Config"]` and never into a response; `webhook`
     receives the final /status body."""
 
     input: Any
@@ -38,45 +39,74 @@ class JobRecord:
     submitted_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     finished_at: float | None = None
+    worker_id: str | None = None
+    takes: int = 0  # times a worker took it: more than 1 + retries would be a job run twice
     output: Any = None
     error: str | None = None
     progress: Any = None
     pending_stream: list[Any] = field(default_factory=list)
+    streamed: int = 0  # chunks received from the worker in this run
+    last_chunk_at: float | None = None  # when the latest one came (scripts/bench_loop.py: the result post's time)
+    chunks_after_end: int = 0  # chunks that came after the job had ended
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    task: asyncio.Task[None] | None = None
+    timer: asyncio.TimerHandle | None = None  # the execution timeout, from the take
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL_STATUSES
 
+    def job_for_worker(self) -> dict[str, Any]:
+        """What job-take hands the worker, as RunPod does: the id, the input, and `s3Config`."""
+        job: dict[str, Any] = {"id": self.id, "input": self.input}
+        if self.s3_config is not None:
+            job["s3Config"] = self.s3_config
+        return job
+
+    def start(self, worker_id: str) -> None:
+        self.status = IN_PROGRESS
+        self.started_at = time.monotonic()
+        self.worker_id = worker_id
+        self.takes += 1
+
+    def add_chunk(self, chunk: Any) -> None:
+        """A chunk posted to job-stream: kept for /stream while the job runs, counted after."""
+        if self.is_final:
+            self.chunks_after_end += 1
+            return
+        self.pending_stream.append(chunk)
+        self.streamed += 1
+        self.last_chunk_at = time.monotonic()
+
     def set_progress(self, payload: Any) -> None:
-        """Keep the latest progress_update payload; only shown while the job runs."""
+        """Keep the latest progress post; only shown while the job runs."""
         if self.status == IN_PROGRESS:
             self.progress = payload
 
-    def start(self) -> None:
-        self.status = IN_PROGRESS
-        self.started_at = time.monotonic()
-
-    def finish(self, status: str, output: Any = None, error: str | None = None) -> None:
-        """Move to a final status once; later calls (e.g. a cancel racing completion) are ignored."""
+    def finish(self, status: str, output: Any = None, error: str | None = None) -> bool:
+        """Move to a final status once; False (and nothing changes) when it already ended, e.g. a
+        result posted again after a retried POST, or a cancel racing completion."""
         if self.is_final:
-            return
+            return False
         self.status = status
         self.output = output
         self.error = error
         self.finished_at = time.monotonic()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.done.set()
+        return True
 
     def requeue(self) -> None:
         """Back to IN_QUEUE under the same id and input, the previous result gone (RunPod's /retry)."""
         self.status = IN_QUEUE
         self.submitted_at = time.monotonic()
-        self.started_at = self.finished_at = None
+        self.started_at = self.finished_at = self.last_chunk_at = None
+        self.worker_id = None
         self.output = self.error = self.progress = None
         self.pending_stream = []
+        self.streamed = self.chunks_after_end = 0
         self.done = asyncio.Event()
-        self.task = None
 
     def take_stream(self) -> list[Any]:
         """Chunks produced since the previous call (what /stream returns)."""
@@ -107,16 +137,13 @@ class JobStore:
         self._jobs[record.id] = record
 
     def get(self, job_id: str) -> JobRecord | None:
-        """Plain lookup, safe from any thread (the progress hook calls it from handler threads)."""
+        """Plain lookup (worker posts: a result for a job just expired is simply dropped)."""
         return self._jobs.get(job_id)
 
     def lookup(self, job_id: str) -> JobRecord | None:
         """Lookup for API requests: expired results are gone."""
         self.prune()
         return self._jobs.get(job_id)
-
-    def count(self, status: str) -> int:
-        return sum(1 for record in self._jobs.values() if record.status == status)
 
     def prune(self) -> None:
         horizon = time.monotonic() - self.retention_s

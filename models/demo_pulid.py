@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from insightface.utils.face_align import arcface_dst
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
@@ -29,6 +29,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast,
 
 from models.eva_clip import EVAVisionConfig, EVAVisionTower
 from models.face_parsing import BiSeNet
+from models.flux_pipeline import FluxPipeline
 from models.pulid_modules import IDFormer, PuLIDModules
 
 BUNDLE_VERSION = "demo-pulid-v3"  # v3: model_info.json names the bundle
@@ -62,13 +63,13 @@ def ensure_demo_bundle(cache_dir: Path = DEFAULT_CACHE) -> Path:
         model_info = {"id": "demo-pulid-flux", "revision": BUNDLE_VERSION, "demo": True}
         (staging / "model_info.json").write_text(json.dumps(model_info))
         (staging / "READY").write_text("ok\n")
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
+        try:
             os.replace(staging, target)
-    except BaseException:
+        except OSError:  # another process finished first (the target is a full folder): it serves
+            if not (target / "READY").exists():
+                raise
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

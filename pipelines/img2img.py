@@ -1,12 +1,14 @@
 """Image-to-image and inpainting: the pieces around the sampler, one image (row) at a time.
 
 They are what diffusers' `ZImageImg2ImgPipeline` and `ZImageInpaintPipeline` (0.42) do before and
-between sampler steps, written as functions so that a row can be started part-way down its sigma
-schedule and blended after each step by whoever runs the steps:
+between sampler steps. An image-to-image row is an ordinary row (pipelines/engine.py) that starts
+later: its sampler is given the schedule's tail and a start latent made from the init image, and
+for inpainting a per-step hook (`Blend`); so these rows share model calls with text-to-image rows.
 
 - `preprocess_image` / `preprocess_mask`: pixels to [-1, 1], a mask to 0/1 (1 = repaint), as
   their `VaeImageProcessor`s do; an image of another size than the output is scaled to cover it
   and centre-cropped (ours: diffusers would stretch it);
+- `posteriors`: the VAE's latent distribution of each image, the images encoded in one call;
 - `image_latents`: the VAE's latent distribution to model latents, `(z - shift) * scale`;
 - `start_index`: where strength enters the simple schedule (`get_timesteps`);
 - `noised`: the flow-matching forward process, `sigma * noise + (1 - sigma) * x0` (`scale_noise`);
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image, ImageOps
 
 from pipelines.samplers import danrisi_start_noise
@@ -63,6 +66,13 @@ def preprocess_mask(rgb: np.ndarray, width: int, height: int) -> torch.Tensor:
     return torch.from_numpy((mask >= MASK_THRESHOLD).astype(np.float32))[None, None]
 
 
+def posteriors(vae, pixels: torch.Tensor) -> list[DiagonalGaussianDistribution]:
+    """The VAE's latent distribution of each image of `pixels` (B, 3, H, W), encoded in one call,
+    each on its own: a sample drawn from it with a generator is the one that image alone gives."""
+    moments = vae.encode(pixels).latent_dist.parameters
+    return [DiagonalGaussianDistribution(moments[i : i + 1]) for i in range(moments.shape[0])]
+
+
 def image_latents(posterior, vae_config, generator: torch.Generator | None) -> torch.Tensor:
     """Model latents of an encoded image: a sample of the VAE's distribution drawn with
     `generator` (diffusers' img2img), or its mode when None (ComfyUI's VAEEncode), then shifted and
@@ -88,11 +98,15 @@ def noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | flo
 @dataclass(frozen=True)
 class RowStart:
     """Where one row enters its schedule: its latent at the schedule's first sigma, and what the
-    inpainting blend needs (the clean latents and the start noise)."""
+    inpainting blend needs (the clean latents and the start noise), each (1, C, h, w)."""
 
     x: torch.Tensor
     latents: torch.Tensor
     noise: torch.Tensor
+
+    def blend(self, mask: torch.Tensor | None) -> Blend | None:
+        """The row's inpainting hook for a pixel `mask` (None: plain image to image, no hook)."""
+        return None if mask is None else Blend(self.latents, self.noise, latent_mask(mask, self.latents))
 
 
 def simple_row_start(posterior, vae_config, seed: int, sigma: torch.Tensor, device: torch.device) -> RowStart:
@@ -129,9 +143,9 @@ def latent_mask(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Blend:
-    """Inpainting after each step: the kept region (mask 0) is the clean latents re-noised to the
-    step's end sigma with the row's start noise; the repainted region (mask 1) is the sampler's.
-    At sigma 0 that is the clean latents themselves. Rows stacked on the batch dimension."""
+    """Inpainting after each step of one row (the sampler's `after_step`): the kept region (mask 0)
+    is the clean latents re-noised to the step's end sigma with the row's start noise; the
+    repainted region (mask 1) is the sampler's. At sigma 0 that is the clean latents themselves."""
 
     latents: torch.Tensor
     noise: torch.Tensor
@@ -141,12 +155,3 @@ class Blend:
         kept = noised(self.latents, self.noise, sigma_next)
         return (1 - self.mask) * kept + self.mask * x
 
-
-@dataclass(frozen=True)
-class BatchStart:
-    """A batch of image-to-image rows that share a strength: their start latents (B, C, h, w) at
-    sigmas[0], the schedule's tail they run, and the inpainting blend (None without a mask)."""
-
-    x: torch.Tensor
-    sigmas: torch.Tensor
-    blend: Blend | None = None

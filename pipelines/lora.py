@@ -11,7 +11,8 @@ Three parts, used in this order by the engine:
    targetable `nn.Linear`. With no adapters active the hook returns the base output untouched.
 3. `with layers.active([[(adapter, scale), ...] per image])` makes one generation use, for image b,
    y_b = W x_b + sum_k scale_{b,k} * B_k A_k x_b. All distinct adapters of the call are stacked
-   along the rank dimension once per call (A: (R, in), B: (out, R)); a per-image scale mask (N, R)
+   along the rank dimension (A: (R, in), B: (out, R); kept while consecutive model calls use the
+   same adapters, as a scheduled group's calls do); a per-image scale mask (N, R)
    selects each image's adapters. So a mixed batch costs two extra matmuls per layer, whose rank R
    is the sum of the distinct adapters' ranks (padded to a power of two), and no per-image loops.
 
@@ -271,9 +272,12 @@ class _CallScales:
     """The one per-call tensor every hooked layer shares: (rows, R) scales, row r holding image
     r mod N's, for `rows` up to a fixed capacity. A compiled graph sees one shape whatever the
     batch (tensors reached from modules keep static shapes under compile); a layer takes the
-    first x.shape[0] rows, which also covers CFG's doubled batch (images, then their negatives)."""
+    first x.shape[0] rows, which also covers CFG's doubled batch (images, then their negatives).
+    `scales` is an instance attribute from the start: dynamo guards on where it is found, so a
+    class default would make the first LoRA call change every graph's guards."""
 
-    scales: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.scales: torch.Tensor | None = None
 
 
 def _add_lora(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -304,6 +308,8 @@ class MixedLoraLayers:
         self.device, self.dtype = first.weight.device, first.weight.dtype
         self.rank_floor, self.max_rows = rank_floor, max_rows
         self._call = _CallScales()
+        self._stacked_key: tuple | None = None
+        self._stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list = []
         self._lock = threading.Lock()
 
@@ -328,6 +334,7 @@ class MixedLoraLayers:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._stacked_key, self._stacked = None, {}
         for module in self.targets.values():
             for buffer in _FACTORS:
                 module._buffers.pop(buffer, None)
@@ -343,14 +350,17 @@ class MixedLoraLayers:
                 self._set(per_image)
                 yield
             finally:
-                self._call.scales = None
-                for module in self.targets.values():
-                    module.lora_down = module.lora_up = None
+                if self._call.scales is not None:  # a call without adapters set nothing (most calls)
+                    self._call.scales = None
+                    for module in self.targets.values():
+                        module.lora_down = module.lora_up = None
 
     def _set(self, per_image: Sequence[AdapterSet]) -> None:
         """Stack the call's distinct adapters along the rank: adapter j owns ranks [o_j, o_j + r_j),
         zero where it does not target a layer; the total is padded to a power of two (at least
-        `rank_floor`) so that the shapes a compiled graph sees repeat across calls."""
+        `rank_floor`) so that the shapes a compiled graph sees repeat across calls. The stacks of
+        the last set of adapters are kept: the scheduler runs a group's rows call after call with
+        the same adapters, and only the per-row scales change between those calls."""
         distinct: dict[str, LoraAdapter] = {}
         for pairs in per_image:
             for adapter, scale in pairs:
@@ -370,6 +380,20 @@ class MixedLoraLayers:
                     per_row[row, start : start + adapter.rank] += scale
         rows = max(self.max_rows, 1 << (2 * len(per_image) - 1).bit_length())
         mask = per_row.repeat(-(-rows // len(per_image)), 1)[:rows].to(self.device)
+        stacks = self._stacks(distinct, offsets, padded)
+        self._call.scales = mask  # first: `active` clears the layers' factors whenever scales are set
+        for name, (down, up) in stacks.items():
+            layer = self.targets[name]
+            layer.lora_down, layer.lora_up = down, up
+
+    def _stacks(self, distinct: dict[str, LoraAdapter], offsets: dict[str, int],
+                padded: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's stacked (down, up) factors for these adapters, in this order and padding."""
+        key = (tuple((sha, adapter.rank) for sha, adapter in distinct.items()), padded)
+        if self._stacked_key == key:
+            return self._stacked
+        self._stacked_key, self._stacked = None, {}  # the old stacks go before the new are built
+        stacked = {}
         for name, layer in self.targets.items():
             out_features, in_features = layer.weight.shape
             down = torch.zeros(padded, in_features, device=self.device, dtype=self.dtype)
@@ -380,5 +404,6 @@ class MixedLoraLayers:
                     a, b = factors
                     down[offsets[sha] : offsets[sha] + a.shape[0]] = a
                     up[:, offsets[sha] : offsets[sha] + a.shape[0]] = b
-            layer.lora_down, layer.lora_up = down, up
-        self._call.scales = mask
+            stacked[name] = (down, up)
+        self._stacked_key, self._stacked = key, stacked
+        return stacked

@@ -1,26 +1,31 @@
 """Sigma schedules and samplers for a flow-matching model.
 
-A sampler sees the model only through `velocity(x, sigma) -> v`, the flow velocity dx/dsigma
-(Z-Image's transformer output, negated). The denoised estimate is D = x - sigma * v.
+A sampler sees the model only through the flow velocity v = dx/dsigma at the points it asks for
+(Z-Image's transformer output, negated); the denoised estimate is D = x - sigma * v. Each sampler
+is written for ONE image as a generator (`v = yield x, sigma`), so its state (latents, position in
+its schedule, danrisi's substep and SDE noise generators) lives in its frame and it can pause at
+any model call: the engine drives many such rows through one model call (pipelines/engine.py).
+`sample_euler` and `sample_danrisi` run a batch of them in lock-step on a `velocity(x, sigma)`.
 The simple schedule is float32 and its Euler step is done in float32, exactly as diffusers'
 scheduler does it, so the simple workflow matches `ZImagePipeline` pixel for pixel. The danrisi
 schedule and sampler reproduce the users' ComfyUI graph (RES4LYF's linear/ralston_2s).
-`should_stop` is polled at every model-call boundary so a cancelled batch frees the GPU early.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from itertools import pairwise
 
 import numpy as np
 import torch
 from scipy.stats import beta as beta_distribution
 
-from pipelines.engine import SamplingStopped, StopCheck
+from pipelines.engine import Row, RowSampler, StopCheck, Velocity, call_model, run_lockstep
 
-Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepHook = Callable[[torch.Tensor, float], torch.Tensor]  # x at a step's end, its sigma -> x (inpainting's blend)
+# A row's own update after each step: x at the step's end and that sigma -> x (inpainting's blend
+# of the kept region, pipelines/img2img.py). After the last step the sigma is 0.
+StepHook = Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -37,16 +42,32 @@ def simple_sigmas(steps: int, shift: float) -> torch.Tensor:
     return _with_terminal_zero(shift_sigmas(torch.linspace(1.0, 1.0 / steps, steps), shift))
 
 
-def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck,
-                 after_step: StepHook | None = None) -> torch.Tensor:
-    """Flow-match Euler: one model call per step."""
+def euler(x: torch.Tensor, sigmas: torch.Tensor, after_step: StepHook | None = None) -> RowSampler:
+    """Flow-match Euler for one image from `x` at sigmas[0]: one model call per step, each update
+    as diffusers' FlowMatchEulerDiscreteScheduler.step makes it (x in float32 plus dt times the
+    model's output, stored in the output's dtype: float32 for Z-Image, the model's for FLUX), then
+    `after_step` when given. An image-to-image row is the same sampler on the schedule's tail."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        if should_stop():
-            raise SamplingStopped
-        x = x + (sigma_next - sigma) * velocity(x, sigma)
+        v = yield x, sigma
+        x = (x.float() + (sigma_next - sigma) * v).to(v.dtype)
         if after_step is not None:
             x = after_step(x, sigma_next)
     return x
+
+
+def euler_calls(sigmas: torch.Tensor) -> int:
+    return len(sigmas) - 1
+
+
+def _lockstep(rows: list[Row], velocity: Velocity, should_stop: StopCheck) -> torch.Tensor:
+    run_lockstep(rows, partial(call_model, velocity=velocity), should_stop)
+    return torch.cat([row.latents for row in rows])
+
+
+def sample_euler(x: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck) -> torch.Tensor:
+    """`euler` for each image of the batch `x`, in lock-step."""
+    rows = [Row(euler(x[i : i + 1], sigmas), euler_calls(sigmas)) for i in range(x.shape[0])]
+    return _lockstep(rows, velocity, should_stop)
 
 
 # -- the danrisi workflow ------------------------------------------------------------------------
@@ -113,24 +134,22 @@ def danrisi_start_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.T
 
 
 class _SdeNoise:
-    """RES4LYF's two noise streams, one pair of CPU generators per image (seed + 1 for the steps,
-    seed + 10001 for the substeps), each draw cast to the latent's dtype and device at the end."""
+    """RES4LYF's two noise streams for one image: CPU generators seeded seed + 1 (the steps) and
+    seed + 10001 (the substeps), each draw cast to the latent's dtype and device at the end."""
 
-    def __init__(self, seeds: Sequence[int], like: torch.Tensor) -> None:
+    def __init__(self, seed: int, like: torch.Tensor) -> None:
         self.like = like
-        self.step_generators = [torch.Generator().manual_seed(seed + STEP_SEED_OFFSET) for seed in seeds]
-        self.substep_generators = [torch.Generator().manual_seed(seed + SUBSTEP_SEED_OFFSET) for seed in seeds]
+        self.step_generator = torch.Generator().manual_seed(seed + STEP_SEED_OFFSET)
+        self.substep_generator = torch.Generator().manual_seed(seed + SUBSTEP_SEED_OFFSET)
 
     def step(self) -> torch.Tensor:
-        return self._draw(self.step_generators)
+        return self._draw(self.step_generator)
 
     def substep(self) -> torch.Tensor:
-        return self._draw(self.substep_generators)
+        return self._draw(self.substep_generator)
 
-    def _draw(self, generators: list[torch.Generator]) -> torch.Tensor:
-        shape = (1, *self.like.shape[1:])
-        draws = torch.cat([_normalised_gaussian(generator, shape) for generator in generators])
-        return draws.to(self.like.dtype).to(self.like.device)
+    def _draw(self, generator: torch.Generator) -> torch.Tensor:
+        return _normalised_gaussian(generator, tuple(self.like.shape)).to(self.like.dtype).to(self.like.device)
 
 
 def _renoise(denoised: torch.Tensor, eps: torch.Tensor, sigma: float, eta: float, z: torch.Tensor) -> torch.Tensor:
@@ -141,40 +160,36 @@ def _renoise(denoised: torch.Tensor, eps: torch.Tensor, sigma: float, eta: float
     return ((1 - sigma) + kept) * denoised + kept * eps + noise_up * z
 
 
-def sample_danrisi(
-    noise: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck, *,
-    seeds: Sequence[int], eta: float = DANRISI_ETA, start: torch.Tensor | None = None,
-    after_step: StepHook | None = None,
-) -> torch.Tensor:
-    """RES4LYF 46de917's linear/ralston_2s with SDE noise and bongmath, on `danrisi_sigmas`.
+def _denoised(x: torch.Tensor, sigma: float) -> RowSampler:
+    """One model call of a danrisi row: the denoised estimate at (x, sigma)."""
+    v = yield x, torch.tensor(sigma, dtype=x.dtype)
+    return x - sigma * v
 
-    `noise` is the unit start noise (one row per image, seeds[i] being image i's seed); the
-    sampler starts at sigmas[0] * noise. Each step makes two model calls: at the step's start and
-    at its 2/3 point, each epsilon measured from the step's start (RES4LYF's noise anchor). With
-    eta > 0 the 2/3 point and the step's end are re-noised ("hard" mode, eta_substep = eta), and
-    while sigma > 0.03 the step's start is re-solved so the re-noised 2/3 point is an exact stage
-    from it (bongmath). The last model call, at sigmas[-2] (sigma_min), returns its denoised
-    estimate: 2N + 1 calls for N steps. The noise generators live only in this call, so a re-run
-    replays the same noise and a batch gives each image what it gets alone. `start` replaces
-    sigmas[0] * noise as the start latent (image-to-image); `after_step` sees x at each step's end.
+
+def danrisi(x: torch.Tensor, sigmas: torch.Tensor, seed: int, eta: float = DANRISI_ETA,
+            after_step: StepHook | None = None) -> RowSampler:
+    """RES4LYF 46de917's linear/ralston_2s with SDE noise and bongmath, on `danrisi_sigmas`, for
+    one image whose seed is `seed`.
+
+    `x` is its latent at sigmas[0]: sigmas[0] times its unit start noise from text, or an
+    image-to-image row's noised init latent on the schedule's tail. Each step makes two
+    model calls: at the step's start and at its 2/3 point, each epsilon measured from the step's
+    start (RES4LYF's noise anchor). With eta > 0 the 2/3 point and the step's end are re-noised
+    ("hard" mode, eta_substep = eta), and while sigma > 0.03 the step's start is re-solved so the
+    re-noised 2/3 point is an exact stage from it (bongmath). The last model call, at sigmas[-2]
+    (sigma_min), returns its denoised estimate: 2N + 1 calls for N steps (`danrisi_calls`); a tail
+    entered below sigma_min is that one call. `after_step` sees x at each step's end and the final
+    estimate (at sigma 0). The noise generators live in this generator's frame, so a re-run
+    replays the same noise and a row gives the same image in any company and after any pause.
     """
-    if len(seeds) != noise.shape[0]:
-        raise ValueError(f"{len(seeds)} seeds for {noise.shape[0]} images")
     levels = [float(sigma) for sigma in sigmas]
     if len(levels) < 2 or levels[-1] != 0.0:
         raise ValueError("a danrisi schedule ends with its last model call's sigma, then 0")
-    sde = _SdeNoise(seeds, noise) if eta > 0 else None
-
-    def denoised(x_in: torch.Tensor, sigma: float) -> torch.Tensor:
-        if should_stop():
-            raise SamplingStopped
-        return x_in - sigma * velocity(x_in, torch.tensor(sigma, dtype=x_in.dtype))
-
-    x = levels[0] * noise if start is None else start
+    sde = _SdeNoise(seed, x) if eta > 0 else None
     for sigma, sigma_next in pairwise(levels[:-1]):
         h = sigma_next - sigma
         sigma_mid = sigma + RALSTON_C2 * h
-        d_start = denoised(x, sigma)
+        d_start = yield from _denoised(x, sigma)
         eps_start = (x - d_start) / sigma
         x_mid = x + RALSTON_C2 * h * eps_start
         if sde is not None:
@@ -182,7 +197,7 @@ def sample_danrisi(
             if sigma > BONGMATH_ABOVE_SIGMA:  # bongmath: the start that x_mid is an exact stage from
                 x = (sigma * x_mid + (sigma_mid - sigma) * d_start) / sigma_mid
                 eps_start = (x - d_start) / sigma
-        eps_mid = (x - denoised(x_mid, sigma_mid)) / sigma
+        eps_mid = (x - (yield from _denoised(x_mid, sigma_mid))) / sigma
         eps = RALSTON_WEIGHTS[0] * eps_start + RALSTON_WEIGHTS[1] * eps_mid
         if sde is None:
             x = x + h * eps
@@ -190,5 +205,23 @@ def sample_danrisi(
             x = _renoise(x - sigma * eps, eps, sigma_next, eta, sde.step())
         if after_step is not None:
             x = after_step(x, sigma_next)
-    final = denoised(x, levels[-2])
+    final = yield from _denoised(x, levels[-2])
     return final if after_step is None else after_step(final, 0.0)
+
+
+def danrisi_calls(sigmas: torch.Tensor) -> int:
+    """Two model calls per step and one at the last sigma before 0 (sigma_min)."""
+    return 2 * (len(sigmas) - 2) + 1
+
+
+def sample_danrisi(
+    noise: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck, *,
+    seeds: Sequence[int], eta: float = DANRISI_ETA,
+) -> torch.Tensor:
+    """`danrisi` for each image of the batch `noise` (unit start noise; seeds[i] being image i's
+    seed) from sigmas[0] * noise, in lock-step."""
+    if len(seeds) != noise.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for {noise.shape[0]} images")
+    x = float(sigmas[0]) * noise
+    rows = [Row(danrisi(x[i : i + 1], sigmas, seed, eta), danrisi_calls(sigmas)) for i, seed in enumerate(seeds)]
+    return _lockstep(rows, velocity, should_stop)

@@ -1,10 +1,12 @@
-"""The Z-Image engine: the warm model and the three stages of a batched generation.
+"""The Z-Image engine: the warm model, serving rows (images in flight) one model call at a time.
 
 It holds one diffusers `ZImagePipeline` (loaded once, from a local diffusers-format folder) and
-runs its components directly, stage by stage, so that each stage can be timed, text encodings
-cached, the sampler chosen (flow-match Euler or the danrisi graph's ralston_2s), and a cancelled
-batch stopped between model calls. The simple workflow reproduces `ZImagePipeline.__call__`
-(tests/pipelines/test_z_image.py checks the pixels). It implements `pipelines.engine.Engine`.
+runs its components directly: `start` encodes the prompts (cached) and draws each image's noise
+(or, for image to image, encodes its init image: a row that starts part-way down its schedule),
+`step` runs one transformer call over any rows of one batch key (each at its own sigma, with its
+own sampler, guidance, LoRAs and strength), `finish` decodes. The simple workflow reproduces
+`ZImagePipeline.__call__` (tests/pipelines/test_z_image.py checks the pixels), the danrisi
+workflow the users' ComfyUI graph. It implements `pipelines.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 from collections.abc import Hashable
@@ -24,12 +26,16 @@ import torch
 from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.counting_cache import CountingLRU
-from pipelines.engine import BatchResult, ImageItem, ModelIdentity, StopCheck
+from pipelines.engine import (
+    BatchResult, ImageItem, ModelIdentity, Row, StageClock, StopCheck, call_model, generate_lockstep,
+)
 from pipelines.img2img import (
-    BatchStart, Blend, danrisi_row_start, danrisi_schedule, latent_mask, simple_row_start, start_index,
+    Blend, RowStart, danrisi_row_start, danrisi_schedule, posteriors, simple_row_start, start_index,
 )
 from pipelines.lora import MixedLoraLayers
-from pipelines.samplers import danrisi_sigmas, danrisi_start_noise, sample_danrisi, sample_euler, simple_sigmas
+from pipelines.samplers import (
+    danrisi, danrisi_calls, danrisi_sigmas, danrisi_start_noise, euler, euler_calls, simple_sigmas,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +62,8 @@ def read_model_identity(model_dir: Path) -> ModelIdentity:
 
 @dataclass(frozen=True)
 class BatchSpec:
-    """What every image of one pipeline call shares."""
+    """What every image of one request shares (rows of different specs may still share a model
+    call: only `batch_key` decides)."""
 
     width: int
     height: int
@@ -64,12 +71,26 @@ class BatchSpec:
     guidance_scale: float
     workflow: str
     eta: float | None = None  # danrisi's SDE noise share; the simple workflow has none
-    strength: float | None = None  # image-to-image: how far down its schedule each image starts
+    strength: float | None = None  # image to image: how far down its schedule each image starts
 
     @property
     def cfg(self) -> bool:
         """Classifier-free guidance: a second forward per step, on the negative prompt."""
         return self.guidance_scale > 0
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """A row's text encodings (unpadded token rows): its prompt's and, with CFG, its negative's."""
+
+    text: torch.Tensor
+    negative: torch.Tensor | None
+
+
+@cache
+def sigma_schedule(workflow: str, steps: int, shift: float) -> torch.Tensor:
+    """The workflow's sigmas (shared, never written to: the samplers build new tensors)."""
+    return danrisi_sigmas(steps, shift) if workflow == "z-image-danrisi" else simple_sigmas(steps, shift)
 
 
 def padded_caption_length(tokens: int) -> int:
@@ -89,7 +110,7 @@ def pick_device(preference: str) -> str:
 
 
 class ZImageEngine:
-    """One warm Z-Image pipeline; `generate` runs one batch through encode → denoise → decode."""
+    """One warm Z-Image pipeline: rows started, stepped one model call at a time, decoded."""
 
     name = "z-image"
     fp8_blocks = ("layers",)  # the main blocks; the refiners stay bf16
@@ -127,15 +148,31 @@ class ZImageEngine:
 
     # -- the Engine interface (pipelines/engine.py) ------------------------------------------------
     def batch_key(self, spec: BatchSpec, item: ImageItem) -> Hashable:
-        """Images merge only when their texts pad alike, so a merged batch runs the model on the
-        same token layout as each image alone (no cross-image attention padding)."""
+        """Rows share a model call when their latents have one shape and their texts pad alike, so
+        the call runs the model on the same token layout as each row alone (no cross-image
+        attention padding), and CFG is on for all or none. Steps, sampler, guidance scale, eta,
+        LoRAs, strength and an inpainting mask are per row: danrisi and simple rows, image to image
+        and text to image rows of one size share calls."""
         texts = [item.prompt] + ([item.negative_prompt] if spec.cfg else [])
-        inpainting = item.init is not None and item.init.mask is not None  # a blend after each step
-        return (spec, tuple(self.text_length_bucket(t) for t in texts), inpainting)
+        return (spec.width, spec.height, spec.cfg, tuple(self.text_length_bucket(t) for t in texts))
 
     def activation_bytes(self, spec: BatchSpec) -> float:
         """Peak activation memory of one image of `spec` on the GPU (CFG runs a second forward)."""
         return ACTIVATION_BYTES_PER_MEGAPIXEL * spec.width * spec.height / 2**20 * (2 if spec.cfg else 1)
+
+    def model_calls(self, spec: BatchSpec) -> int:
+        sigmas = self.sigmas(spec)
+        return danrisi_calls(sigmas) if spec.workflow == "z-image-danrisi" else euler_calls(sigmas)
+
+    def sigmas(self, spec: BatchSpec) -> torch.Tensor:
+        """The schedule a row of `spec` runs: the workflow's, or for image to image its tail from
+        where the strength enters it (simple: diffusers' `get_timesteps`; danrisi: RES4LYF's start)."""
+        sigmas = sigma_schedule(spec.workflow, spec.steps, float(self.pipe.scheduler.config.get("shift", 3.0)))
+        if spec.strength is None:
+            return sigmas
+        if spec.workflow == "z-image-danrisi":
+            return danrisi_schedule(sigmas, spec.strength)
+        return sigmas[start_index(spec.steps, spec.strength):]
 
     def numerics(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype), "fp8_layers": self.acceleration.fp8_layers}
@@ -200,13 +237,15 @@ class ZImageEngine:
         ]
         return torch.cat(noises).float()
 
-    def velocity_function(self, text: list[torch.Tensor], negative: list[torch.Tensor] | None, guidance: float):
-        """v(x, sigma) as ZImagePipeline computes it, with classifier-free guidance when asked.
+    def velocity_function(self, text: list[torch.Tensor], negative: list[torch.Tensor] | None,
+                          guidance: float | torch.Tensor):
+        """v(x, sigma) as ZImagePipeline computes it (sigma: one per row), with classifier-free
+        guidance when asked (`guidance`: one scale, or one per row shaped (B, 1, 1, 1)).
 
         The transformer masks attention only when a batch's captions pad to different lengths.
-        The batcher never merges such prompts, so only CFG can mix them (prompt vs negative
-        prompt); then the two halves run as two unmasked calls instead of one masked call, which
-        keeps every forward on the fast (mask-free) attention kernel and its compiled graph.
+        Rows of one batch key pad alike, so only CFG can mix them (prompt vs negative prompt);
+        then the two halves run as two unmasked calls instead of one masked call, which keeps
+        every forward on the fast (mask-free) attention kernel and its compiled graph.
         """
         transformer = self.pipe.transformer
         captions = text + (negative or [])
@@ -232,60 +271,74 @@ class ZImageEngine:
 
         return velocity
 
-    def schedule(self, workflow: str, steps: int) -> torch.Tensor:
-        """The workflow's whole sigma schedule (text-to-image rows run all of it)."""
-        shift = float(self.pipe.scheduler.config.get("shift", 3.0))
-        return danrisi_sigmas(steps, shift) if workflow == "z-image-danrisi" else simple_sigmas(steps, shift)
-
-    @torch.no_grad()
-    def denoise(
-        self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None, spec: BatchSpec,
-        should_stop: StopCheck, seeds: list[int], start: BatchStart | None = None,
-    ) -> torch.Tensor:
-        """The sampling loop, from `noise`, or for image-to-image rows from `start` part-way down
-        the schedule. If the compiled blocks fail to compile (at warm-up, or for a shape
-        first seen in a job), the engine turns eager for good and samples again from the same noise
-        (danrisi's SDE noise too: its generators are made inside the sampler, from `seeds`)."""
-        velocity = self.velocity_function(text, negative, spec.guidance_scale)
-        sigmas = self.schedule(spec.workflow, spec.steps) if start is None else start.sigmas
-        after_step = None if start is None else start.blend
-        if spec.workflow == "z-image-danrisi":
-            sample = partial(sample_danrisi, noise, sigmas, velocity, should_stop, seeds=seeds, eta=spec.eta,
-                             start=None if start is None else start.x, after_step=after_step)
-        else:
-            sample = partial(sample_euler, noise if start is None else start.x, sigmas, velocity, should_stop,
-                             after_step)
-        return with_compile_fallback(sample, self.pipe.transformer, self.acceleration)
-
-    # -- image-to-image and inpainting (pipelines/img2img.py) ----------------------------------
-    @torch.no_grad()
-    def image_start(self, items: list[ImageItem], spec: BatchSpec) -> BatchStart:
-        """Each row's VAE-encoded image noised to where its strength enters the schedule (the
-        encoder runs once per distinct image: a job's variations share theirs)."""
-        vae = self.pipe.vae
-        sigmas = self.schedule(spec.workflow, spec.steps)
-        if spec.workflow == "z-image-danrisi":
-            sigmas = danrisi_schedule(sigmas, spec.strength)
-        else:
-            sigmas = sigmas[start_index(spec.steps, spec.strength):]
-        posteriors: dict[int, Any] = {}
+    def make_rows(self, x: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None,
+                  items: list[ImageItem], spec: BatchSpec, blends: list[Blend | None] | None = None) -> list[Row]:
+        """One row per item from its latent at the first sigma of its schedule (x[i]: sigma_0 times
+        its noise, or an image-to-image row's noised init latent on the schedule's tail) and its
+        encodings, its sampler set at that first sigma; `blends[i]`, inpainting's hook, runs after
+        each of its steps."""
+        sigmas = self.sigmas(spec)
         rows = []
-        for item in items:
-            if id(item.init) not in posteriors:
-                pixels = item.init.pixels.to(self.device, vae.dtype)
-                posteriors[id(item.init)] = vae.encode(pixels).latent_dist
-            posterior = posteriors[id(item.init)]
+        for i, item in enumerate(items):
+            after_step = blends[i] if blends is not None else None
             if spec.workflow == "z-image-danrisi":
-                rows.append(danrisi_row_start(posterior, vae.config, item.seed, float(sigmas[0])))
+                sampler = danrisi(x[i : i + 1], sigmas, item.seed, spec.eta, after_step)
+                calls = danrisi_calls(sigmas)
             else:
-                rows.append(simple_row_start(posterior, vae.config, item.seed, sigmas[0], self.device))
-        x = torch.cat([row.x for row in rows]).float()
-        if items[0].init.mask is None:
-            return BatchStart(x, sigmas)
-        masks = [latent_mask(item.init.mask, row.latents) for item, row in zip(items, rows)]
-        blend = Blend(torch.cat([row.latents for row in rows]), torch.cat([row.noise for row in rows]),
-                      torch.cat(masks))
-        return BatchStart(x, sigmas, blend)
+                sampler, calls = euler(x[i : i + 1], sigmas, after_step), euler_calls(sigmas)
+            conditioning = TextConditioning(text[i], negative[i] if negative is not None else None)
+            rows.append(Row(sampler, calls, item, spec, conditioning))
+        return rows
+
+    @torch.no_grad()
+    def start(self, items: list[ImageItem], spec: BatchSpec, clock: StageClock | None = None) -> list[Row]:
+        """Rows for new images: their prompts encoded in one batch (cached), then their noise drawn,
+        or for image to image (`spec.strength`) their init images encoded (lapped as
+        `vae_encoding`) and noised to where the strength enters the schedule."""
+        clock = clock or StageClock(self.device)
+        text = self.encode_prompts([item.prompt for item in items])
+        negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
+        if spec.strength is None:
+            noise = self.initial_noise([item.seed for item in items], spec.width, spec.height, spec.workflow)
+            return self.make_rows(float(self.sigmas(spec)[0]) * noise, text, negative, items, spec)
+        clock.lap("text_encoding")
+        starts = self.image_starts(items, spec)
+        clock.lap("vae_encoding")
+        blends = [start.blend(item.init.mask) for start, item in zip(starts, items)]
+        return self.make_rows(torch.cat([start.x for start in starts]).float(), text, negative, items, spec, blends)
+
+    # -- image to image and inpainting (pipelines/img2img.py) --------------------------------------
+    @torch.no_grad()
+    def image_starts(self, items: list[ImageItem], spec: BatchSpec) -> list[RowStart]:
+        """Each image-to-image row's start at the first sigma of its schedule tail: the distinct init
+        images of these rows encoded in one VAE call (a job's variations share theirs), each row's
+        latents and noise drawn from its own seed as diffusers (simple) or the graph (danrisi) does."""
+        vae = self.pipe.vae
+        distinct = {id(item.init): item.init for item in items}
+        pixels = torch.cat([init.pixels for init in distinct.values()]).to(self.device, vae.dtype)
+        encoded = dict(zip(distinct, posteriors(vae, pixels)))
+        sigma = self.sigmas(spec)[0]
+        starts = []
+        for item in items:
+            posterior = encoded[id(item.init)]
+            if spec.workflow == "z-image-danrisi":
+                starts.append(danrisi_row_start(posterior, vae.config, item.seed, float(sigma)))
+            else:
+                starts.append(simple_row_start(posterior, vae.config, item.seed, sigma, self.device))
+        return starts
+
+    @torch.no_grad()
+    def step(self, rows: list[Row]) -> None:
+        """One transformer call (two halves with CFG) over rows of one batch key, each row at its
+        own sigma with its own guidance scale and LoRAs. If the compiled blocks fail to compile (a
+        shape first seen here), the engine turns eager for good and runs the call again: it
+        changed no row."""
+        conditioning: list[TextConditioning] = [row.conditioning for row in rows]
+        negative = [c.negative for c in conditioning] if rows[0].spec.cfg else None
+        guidance = torch.tensor([row.spec.guidance_scale for row in rows], device=self.device).view(-1, 1, 1, 1)
+        velocity = self.velocity_function([c.text for c in conditioning], negative, guidance)
+        with self.lora_layers.active([row.item.loras for row in rows]):
+            with_compile_fallback(lambda: call_model(rows, velocity), self.pipe.transformer, self.acceleration)
 
     # -- stage 3: pixels ------------------------------------------------------------------------
     @torch.no_grad()
@@ -297,34 +350,12 @@ class ZImageEngine:
         pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
+    def finish(self, rows: list[Row]) -> np.ndarray:
+        return self.decode(torch.cat([row.latents for row in rows]))
+
     def generate(self, items: list[ImageItem], spec: BatchSpec, should_stop: StopCheck = lambda: False) -> BatchResult:
-        """One pipeline call for a batch of images that share `spec`."""
-        timings: dict[str, float] = {}
-
-        def mark(stage: str, since: float) -> float:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            now = time.perf_counter()
-            timings[stage] = round((now - since) * 1000, 2)
-            return now
-
-        started = time.perf_counter()
-        text = self.encode_prompts([item.prompt for item in items])
-        negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
-        started = mark("text_encoding", started)
-        seeds = [item.seed for item in items]
-        if spec.strength is None:
-            start, noise = None, self.initial_noise(seeds, spec.width, spec.height, spec.workflow)
-        else:
-            start = self.image_start(items, spec)
-            noise = start.x  # danrisi's SDE noise takes its shape and device
-            started = mark("vae_encoding", started)
-        with self.lora_layers.active([item.loras for item in items]):
-            latents = self.denoise(noise, text, negative, spec, should_stop, seeds, start)
-        started = mark("denoising", started)
-        images = self.decode(latents)
-        mark("decoding", started)
-        return BatchResult(images=images, timings_ms=timings)
+        """The images of `items` together, start to pixels (`generate_lockstep`)."""
+        return generate_lockstep(self, items, spec, should_stop)
 
     def generate_fixed(self, prompt: str, count: int, width: int, height: int, steps: int,
                        loras: tuple[tuple[Any, float], ...] = ()) -> BatchResult:

@@ -30,6 +30,7 @@ import time
 from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import psutil
 
@@ -206,10 +207,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cpu_s_other_processes": round(max(0.0, (busy_after - busy_before) - (own_after - own_before)), 1)
         if busy_after else None,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    path = args.out_dir / f"batching-{stamp}.json"
+    return save_report(report, args.out_dir / f"batching-{stamp}.json", lambda: print_table(report))
+
+
+def save_report(report: dict[str, Any], path: Path, print_table: Callable[[], None]) -> dict[str, Any]:
+    """Write the JSON, print the table and a warning when other processes shared the machine
+    noticeably; the report with its `path` (scripts/bench_scheduling.py reports the same way)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
+    print_table()
     if (report["cpu_s_other_processes"] or 0) > 0.05 * report["cpu_s_this_process"]:
         print(f"other processes used {report['cpu_s_other_processes']} CPU s during the "
               f"{report['duration_s']} s run (this one {report['cpu_s_this_process']}): compare with care")

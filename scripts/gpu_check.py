@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from pipelines.acceleration import AccelerationPlan, compile_blocks, fp8_target_names, torchao_float8
-from pipelines.engine import ImageItem, ModelIdentity
+from pipelines.engine import ImageItem, ModelIdentity, run_lockstep
 from pipelines.startup import start_engine as start_served_engine
 from pipelines.startup import warm_up
 from pipelines.z_image import ACTIVATION_BYTES_PER_MEGAPIXEL, BatchSpec, ZImageEngine, serving_dtype
@@ -64,11 +64,13 @@ class Sizes:
     consistent_side: int
     consistent_steps: int
     consistent_images: int
+    poisson_side: int
+    poisson_jobs: int
 
 
 SIZES = {
-    "full": Sizes(512, 1024, 8, (1, 3, 8), 3, 1024, 20, 8),
-    "small": Sizes(64, 64, 4, (1, 3, 8), 3, 64, 4, 8),  # the plumbing, not the arithmetic: 4 steps
+    "full": Sizes(512, 1024, 8, (1, 3, 8), 3, 1024, 20, 8, 512, 12),
+    "small": Sizes(64, 64, 4, (1, 3, 8), 3, 64, 4, 8, 64, 6),  # the plumbing, not the arithmetic: 4 steps
 }
 # FLUX.1-dev's published sizes (transformer 11.9 B, T5-XXL encoder 4.76 B, CLIP-L text 123 M, its VAE).
 FLUX_DEV = {
@@ -225,7 +227,7 @@ def count_flops(engine: ZImageEngine, batches: tuple[int, ...], side: int, steps
                 workflows: tuple[str, ...], record: Callable[[dict[str, Any]], None]) -> None:
     """The engine's stages on the meta device under FlopCounterMode: every tensor at its real shape,
     no memory and no arithmetic. Text: the encoder's forward at the prompt's token length;
-    denoising: `ZImageEngine.denoise` itself; decoding: the VAE's forward."""
+    denoising: the engine's rows and `step` themselves, in lock-step; decoding: the VAE's forward."""
     from torch.utils.flop_counter import FlopCounterMode
 
     pipe = engine.pipe
@@ -241,8 +243,11 @@ def count_flops(engine: ZImageEngine, batches: tuple[int, ...], side: int, steps
             text = list(hidden.to(engine.dtype).unbind(0))
             noise = torch.empty(batch, pipe.transformer.in_channels, latent, latent, device="meta")
             spec = BatchSpec(side, side, steps, 0.0, workflow, 0.5 if workflow == "z-image-danrisi" else None)
+            items = [ImageItem(PROMPT, "", seed) for seed in range(batch)]
             with FlopCounterMode(display=False) as counter, torch.no_grad():
-                latents = engine.denoise(noise, text, None, spec, lambda: False, list(range(batch)))
+                rows = engine.make_rows(noise, text, None, items, spec)
+                run_lockstep(rows, engine.step, lambda: False)
+            latents = torch.cat([row.latents for row in rows])
             denoise_flops = counter.get_total_flops()
             vae = pipe.vae
             with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -410,15 +415,7 @@ async def _job(worker, job: dict[str, Any]) -> dict[str, Any]:
 def phase_serving(ctx: Context) -> None:
     """A `Worker` around the engine as it stands (compiled when the compiled phase ran), jobs
     through `run_job`: 3 concurrent 1-image jobs, then one 8-image job, for each workflow."""
-    from serving.settings import load_settings
-    from serving.startup import LoadedEngines
-    from serving.worker import Worker
-
-    # No storage on that machine: base64 results, JPEG, the largest result limit. Random-weight
-    # images compress badly: 8 PNGs of noise at 1024² pass the 10 MB default, and the images past
-    # it would come back as payload_too_large errors instead of being timed.
-    settings = load_settings({"DEMO_MODEL_DIR": str(ctx.work_dir / "unused-demo"), "MAX_RESPONSE_MB": "20"})
-    worker = Worker(settings, LoadedEngines(ctx.engine, None, "not loaded by gpu_check"))
+    worker = serving_worker(ctx)
     ctx.results.row("serving", "engine_compiled", ctx.engine.acceleration.compiled)
     side = ctx.sizes.side
 
@@ -451,7 +448,44 @@ def phase_serving(ctx: Context) -> None:
                                       eight_images_s=eight["all_images_s"],
                                       eight_images_mfu=mfu(ctx, 8, eight["all_images_s"]))
     finally:
-        worker.batcher.stop()
+        worker.engine_loop.stop()
+        worker.encode_pool.shutdown(wait=False)
+
+
+def serving_worker(ctx: Context):
+    """A `Worker` around the engine as it stands (compiled when the compiled phase ran). No storage
+    on that machine: base64 results, JPEG, the largest result limit. Random-weight images compress
+    badly: 8 PNGs of noise at 1024² pass the 10 MB default, and the images past it would come back
+    as payload_too_large errors instead of being timed."""
+    from serving.settings import load_settings
+    from serving.startup import LoadedEngines
+    from serving.worker import Worker
+
+    settings = load_settings({"DEMO_MODEL_DIR": str(ctx.work_dir / "unused-demo"), "MAX_RESPONSE_MB": "20"})
+    return Worker(settings, LoadedEngines(ctx.engine, None, "not loaded by gpu_check"))
+
+
+def phase_scheduling(ctx: Context) -> None:
+    """Step-level scheduling (issue 23) through a `Worker`'s `run_job`, with the scenarios of
+    scripts/bench_scheduling.py: a 1-image job submitted 0.3 of the way into an 8-image job at the
+    full side (1024²: compute-bound, so the 8-image job is preempted), then a seeded Poisson mix of
+    1- and 8-image jobs at `poisson_side` at the worker's measured capacity."""
+    from scripts.bench_scheduling import poisson, preempt, warm_up
+
+    worker = serving_worker(ctx)
+    sizes = ctx.sizes
+    served = ctx.results.data["phases"].get("serving", {}).get("status") == "ok"  # then warm at the full side
+    try:
+        asyncio.run(warm_up(worker.run_job, {sizes.poisson_side} | (set() if served else {sizes.side}), sizes.steps))
+        point1 = asyncio.run(preempt(worker.run_job, sizes.side, sizes.steps, repeats=1))
+        ctx.results.row("scheduling", "preempt", {"side": sizes.side, "steps": sizes.steps, **point1})
+        ctx.results.summarise(preempt_one_image_ratio=point1["one_image_ratio"],
+                              preempt_eight_images_ratio=point1["eight_images_ratio"])
+        mix = asyncio.run(poisson(worker.run_job, sizes.poisson_side, sizes.steps, sizes.poisson_jobs,
+                                  share_of_eights=0.25, load=1.0, rate=None, seed=7))
+        ctx.results.row("scheduling", "poisson", {"side": sizes.poisson_side, "steps": sizes.steps, **mix})
+    finally:
+        worker.engine_loop.stop()
         worker.encode_pool.shutdown(wait=False)
 
 
@@ -460,10 +494,11 @@ def build_consistent(ctx: Context) -> Any:
     initialised on the GPU, the published PuLID sizes, the demo bundle's tokenizers and scheduler.
     Small: the demo bundle as the worker loads it. Identity encoding (face detector, EVA) is not
     part of the timed generation and is left out: the id tokens are random, at their real shape."""
-    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     from models.demo_pulid import ensure_demo_bundle
+    from models.flux_pipeline import FluxPipeline
     from models.pulid_modules import PuLIDModules
     from pipelines.pulid_flux import PuLIDFluxPipeline
     from scripts.bench_gpu import _cheap_init
@@ -712,6 +747,9 @@ PHASES = (
           "regional compile is a CUDA switch ; CPU Inductor is tested in tests/pipelines"),
     Phase("serving", phase_serving, {"full": 50, "small": 8}, ("build",)),
     Phase("lora", phase_lora, {"full": 30, "small": 6}, ("build",)),
+    # 1024² (warm after `serving`; else +20 s): solo 1 image ≈ 2.5 s, solo 8 ≈ 20 s, both together
+    # ≈ 22 s; 512²: warm-up 5 s, capacity 4 s, the mix (12 jobs, ≈ 33 images at capacity) ≈ 15 s
+    Phase("scheduling", phase_scheduling, {"full": 70, "small": 20}, ("build",)),
     Phase("consistent", phase_consistent, {"full": 70, "small": 8}),
     Phase("consistent_compiled", phase_consistent_compiled, {"full": 120, "small": 60}, ("consistent",),
           "regional compile is a CUDA switch; CPU Inductor is tested in tests/pipelines/test_startup.py"),

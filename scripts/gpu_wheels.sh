@@ -14,9 +14,15 @@ PACKAGES=(diffusers transformers torchao boto3 botocore s3transfer jmespath
           pydantic pydantic_core annotated_types typing_inspection pydantic_settings python-dotenv cachetools
           insightface)
 [ -x "$PYTHON" ] || make setup
+version_of() {  # the venv's version; what only the image installs (torchao) at its requirements-gpu.txt pin
+    "$PYTHON" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$1" 2>/dev/null \
+        || sed -n "s/^$1==//p" requirements-gpu.txt
+}
 pins=()
 for name in "${PACKAGES[@]}"; do
-    pins+=("$name==$("$PYTHON" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
+    version=$(version_of "$name")
+    [ -n "$version" ] || { echo "no version for $name: not in $PYTHON's venv nor pinned in requirements-gpu.txt" >&2; exit 1; }
+    pins+=("$name==$version")
 done
 rm -rf .whl && mkdir .whl
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -1,4 +1,4 @@
-"""One planned job, run: its images queued with the scheduler, each encoded and delivered as it
+"""One planned job, run: its images handed to the engine loop, each encoded and delivered as it
 leaves the GPU, streamed as a chunk, then a summary. Never raises for a job's sake: a failed image
 is an `image_error` chunk beside the images that worked, and a job out of time names each image
 it did not get."""
@@ -13,15 +13,16 @@ from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import AsyncIterator, Callable
 
-from serving.batcher import Batcher, ImageOutcome
 from serving.delivery import Delivered, PendingUpload
+from serving.engine_loop import EngineLoop
+from serving.job_ticket import ImageOutcome, JobUsage
 from serving.outputs import effective_quality, encode_image, image_chunk, image_error_chunk
 from serving.planning import JobPlan, model_fields, spec_fields
 
 log = logging.getLogger(__name__)
 
 ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]
-STAGES = ("text_encoding", "denoising", "decoding", "image_encoding")
+
 
 
 @dataclass
@@ -31,27 +32,18 @@ class JobTally:
     started: float = field(default_factory=time.perf_counter)
     completed: int = 0
     failed: int = 0
-    timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
-    batch_sizes: list[int] = field(default_factory=list)
-    batch_ids: set[int] = field(default_factory=set)
+    image_encoding_ms: float = 0.0
     first_image_ms: float | None = None
     switched_to_url: bool = False
-
-    def count_batch(self, outcome: ImageOutcome) -> None:
-        """A model call's timings, once per job however many of its images the call made."""
-        if outcome.timings_ms and outcome.batch_id not in self.batch_ids:
-            self.batch_ids.add(outcome.batch_id)
-            self.batch_sizes.append(outcome.batch_size)
-            for stage, ms in outcome.timings_ms.items():
-                self.timings_ms[stage] = self.timings_ms.get(stage, 0.0) + ms
 
     def image_done(self) -> None:
         self.completed += 1
         if self.first_image_ms is None:
             self.first_image_ms = (time.perf_counter() - self.started) * 1000
 
-    def final_timings(self) -> dict[str, float]:
-        timings = {stage: round(ms, 2) for stage, ms in self.timings_ms.items()}
+    def final_timings(self, usage: JobUsage) -> dict[str, float]:
+        timings = {stage: round(ms, 2) for stage, ms in usage.timings_ms.items()}
+        timings["image_encoding"] = round(self.image_encoding_ms, 2)
         timings["first_image"] = round(self.first_image_ms or 0.0, 2)
         timings["total"] = round((time.perf_counter() - self.started) * 1000, 2)
         return timings
@@ -59,7 +51,7 @@ class JobTally:
 
 def _post_process(plan: JobPlan, job_id: str,
                   outcome: ImageOutcome) -> tuple[ImageOutcome, Delivered | PendingUpload | None, float]:
-    """Runs in the encode pool, while the GPU thread goes on with the next batch; an upload is only
+    """Runs in the encode pool, while the GPU thread goes on with the next call; an upload is only
     handed to the storage pool here (`Delivery.settle` waits for it, on the loop). Never raises: an
     exception here would leave the image missing until JOB_TIMEOUT_S."""
     if outcome.pixels is None:
@@ -79,8 +71,9 @@ def _post_process(plan: JobPlan, job_id: str,
     return outcome, delivered, encode_ms
 
 
-async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Batcher, encode_pool: ThreadPoolExecutor,
-                   progress: ProgressSink, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, engine_loop: EngineLoop,
+                   encode_pool: ThreadPoolExecutor, progress: ProgressSink,
+                   timeout_s: float) -> AsyncIterator[dict[str, Any]]:
     loop = asyncio.get_running_loop()
     tally = JobTally()
     total = len(plan.items)
@@ -99,17 +92,20 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Bat
         tally.image_done()
         yield image_chunk(entry, tally.completed, total)
     to_run = [(i, item) for i, item in enumerate(plan.items) if i not in plan.cached_entries]
-    ticket = batcher.submit(job_id, plan.engine, plan.spec, to_run, on_outcome) if to_run else None
+    ticket = (engine_loop.submit(job_id, plan.engine, plan.spec, to_run, on_outcome, plan.request.priority)
+              if to_run else None)
     seen = set(plan.cached_entries)
     deadline = tally.started + timeout_s
     try:
         while tally.completed + tally.failed < total:
             try:
-                outcome, delivered, encode_ms = await asyncio.wait_for(finished.get(), deadline - time.perf_counter())
+                # not asyncio.wait_for: on Python 3.11 it returns a result that is ready when the
+                # job's task is cancelled (RunPod's stop signal) and drops the cancellation
+                async with asyncio.timeout(deadline - time.perf_counter()):
+                    outcome, delivered, encode_ms = await finished.get()
             except TimeoutError:
                 break
-            tally.count_batch(outcome)
-            tally.timings_ms["image_encoding"] += encode_ms
+            tally.image_encoding_ms += encode_ms
             seen.add(outcome.index)
             if delivered is not None and delivered.entry is not None:
                 tally.image_done()
@@ -129,21 +125,22 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, batcher: Bat
             yield image_error_chunk(error, tally.completed + tally.failed, total)
     finally:
         if ticket is not None:
-            batcher.cancel(ticket)  # a no-op when done; frees the GPU when the job was cancelled
-    timings = tally.final_timings()
-    log.info("job %s: %d/%d images in %.0f ms (batches %s, %d from cache)", job_id, tally.completed, total,
-             timings["total"], tally.batch_sizes, len(plan.cached_entries))
-    yield {"summary": summarize(plan, tally, timings)}
+            engine_loop.cancel(ticket)  # a no-op when done; frees the GPU when the job was cancelled
+    usage = engine_loop.usage(ticket) if ticket is not None else JobUsage()
+    timings = tally.final_timings(usage)
+    log.info("job %s: %d/%d images in %.0f ms (%d model calls, batches %s, %d from cache)", job_id, tally.completed,
+             total, timings["total"], usage.model_calls, usage.batch_sizes, len(plan.cached_entries))
+    yield {"summary": summarize(plan, tally, usage, timings)}
 
 
-def summarize(plan: JobPlan, tally: JobTally, timings: dict[str, float]) -> dict[str, Any]:
+def summarize(plan: JobPlan, tally: JobTally, usage: JobUsage, timings: dict[str, float]) -> dict[str, Any]:
     request, spec = plan.request, plan.spec
     model = model_fields(plan.engine)
     settings = {
         "mode": plan.mode.name, **spec_fields(spec), "num_images": request.num_images, "seed": plan.seed,
         "output_format": request.output_format,
         "output_quality": effective_quality(request.output_format, request.output_quality),
-        "delivery": plan.delivery.method,
+        "delivery": plan.delivery.method, "priority": request.priority,
     }
     summary = {
         "mode": plan.mode.name,
@@ -154,7 +151,8 @@ def summarize(plan: JobPlan, tally: JobTally, timings: dict[str, float]) -> dict
         "images_failed": tally.failed,
         "images_from_cache": len(plan.cached_entries),
         "timings_ms": timings,
-        "batch_sizes": tally.batch_sizes,
+        "batch_sizes": usage.batch_sizes,
+        "model_calls": usage.model_calls,
         "model": {"id": model["id"], "revision": model["revision"], "demo": model["demo"]},
         **plan.mode.summary_notes,
     }

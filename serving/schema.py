@@ -11,6 +11,7 @@ from pydantic import (
 )
 
 from serving.errors import JobError
+from serving.scheduler import Priority
 
 MAX_PROMPT_CHARS = 2000
 MAX_IMAGES = 16
@@ -91,6 +92,7 @@ class GenerateRequest(BaseModel):
     init_image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_CHARS)
     mask_image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_CHARS)
     strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    priority: Priority | None = None  # the scheduler's ranking: head start or handicap (serving/scheduler.py)
     _size_note: str | None = PrivateAttr(None)
 
     @field_validator("prompt", "negative_prompt")
@@ -232,6 +234,7 @@ def input_limits() -> dict[str, Any]:
         "id_weight": span("id_weight"), "loras": MAX_LORAS, "lora_scale": [-MAX_LORA_SCALE, MAX_LORA_SCALE],
         "strength": {"above": _constraints("strength")["gt"], "max": _constraints("strength")["le"],
                      "default": DEFAULT_STRENGTH},
+        "priorities": list(get_args(Priority)),
     }
 
 

@@ -1,14 +1,15 @@
 """Shared fixtures: the real handler on the embedded demo model, driven in-process, and the local
-endpoint (over the fake worker or the real handler) on 127.0.0.1 at an ephemeral port."""
+endpoint (a job server on 127.0.0.1 at an ephemeral port, with fake-worker processes)."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from PIL import Image
 
 from endpoint.app import ServerSettings
 from endpoint.background import BackgroundEndpoint
-from endpoint.loader import LoadedHandler, load_handler
+from endpoint.pool import PoolSettings, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,22 +76,56 @@ API_KEY = "test-key"
 EndpointFactory = Callable[..., BackgroundEndpoint]
 
 
+def fake_workers(log_dir: Path, workers: int = 1, **overrides: Any) -> PoolSettings:
+    """Worker processes running the fake worker under the runpod SDK's loop (~2 s to start)."""
+    return PoolSettings(command=worker_command(FAKE_WORKER), workers=workers, log_dir=log_dir, **overrides)
+
+
+@contextmanager
+def running_endpoint(pool: PoolSettings | None, **settings: Any) -> Iterator[BackgroundEndpoint]:
+    """A local endpoint on 127.0.0.1, its workers ready to take jobs; stopped on exit."""
+    settings.setdefault("api_key", API_KEY)
+    with BackgroundEndpoint(ServerSettings(**settings), pool) as server:
+        if pool is not None:
+            server.wait_for_workers(pool.workers)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundEndpoint]:
+    """One fake-worker endpoint for the session (a worker process takes ~2 s to start); each test
+    starts with it idle (`idle_endpoint`). A module may define its own `endpoint`."""
+    with running_endpoint(fake_workers(tmp_path_factory.mktemp("workers"))) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def idle_endpoint(request: pytest.FixtureRequest) -> None:
+    """A test on a module's shared endpoint starts with nothing queued or running: whatever an
+    earlier test left (it failed midway) is cancelled, so no test depends on another."""
+    if "endpoint" not in request.fixturenames:
+        return
+    server = request.getfixturevalue("endpoint")
+    if not isinstance(server, BackgroundEndpoint):  # a test's own argument of that name
+        return
+
+    def cancel_leftovers() -> None:
+        platform = server.platform
+        platform.purge()
+        for seat in platform.workers.values():
+            for job_id in list(seat.held):
+                platform.cancel(platform.store.get(job_id))
+
+    server.on_loop(cancel_leftovers)
+
+
 @pytest.fixture
-def start_endpoint() -> Iterator[EndpointFactory]:
-    """Start endpoints (fake worker unless told otherwise); all are stopped after the test."""
-    started: list[BackgroundEndpoint] = []
+def start_endpoint(tmp_path: Path) -> Iterator[EndpointFactory]:
+    """Endpoints with their own settings, stopped after the test; `workers=0` starts none (for
+    tests that speak the worker protocol themselves, tests/endpoint/protocol.py)."""
+    with ExitStack() as stack:
+        def start(workers: int = 1, **settings: Any) -> BackgroundEndpoint:
+            pool = fake_workers(tmp_path / "workers", workers) if workers else None
+            return stack.enter_context(running_endpoint(pool, **settings))
 
-    def start(loaded: LoadedHandler | None = None, **settings: object) -> BackgroundEndpoint:
-        settings.setdefault("api_key", API_KEY)
-        server = BackgroundEndpoint(loaded or load_handler(FAKE_WORKER), ServerSettings(**settings))  # type: ignore[arg-type]
-        started.append(server.__enter__())
-        return server
-
-    yield start
-    for server in reversed(started):
-        server.__exit__(None, None, None)
-
-
-@pytest.fixture
-def endpoint(start_endpoint: EndpointFactory) -> BackgroundEndpoint:
-    return start_endpoint()
+        yield start

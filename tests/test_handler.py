@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
+import re
 import subprocess
 import sys
-import base64
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -156,17 +158,41 @@ def test_capabilities(handler_module):
     assert caps["versions"]["diffusers"] == "0.42.1"
 
 
-def test_test_input_command_line_saves_images(tmp_path):
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`python handler.py --test_input ...` in a fresh interpreter, as a user runs it (once per module)."""
+    output_dir = tmp_path_factory.mktemp("outputs")
     job = {"input": {"prompt": "a kite", "num_images": 2, "seed": 5, **SMALL}}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps(job), "--output_dir", str(tmp_path)],
+        [sys.executable, str(ROOT / "handler.py"), "--test_input", json.dumps(job), "--output_dir", str(output_dir)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )
+    return done, output_dir
+
+
+def test_test_input_command_line_saves_images(local_run):
+    done, output_dir = local_run
     assert done.returncode == 0, done.stderr[-2000:]
-    saved = sorted(p.name for p in (tmp_path / "local_test").iterdir())
+    saved = sorted(p.name for p in (output_dir / "local_test").iterdir())
     assert saved == ["00-5.png", "01-6.png"]
     assert "base64_chars" in done.stdout and '"base64": "' not in done.stdout
     assert "iVBORw0KGgo" not in done.stdout + done.stderr  # no PNG payload printed or logged
+
+
+def test_a_fresh_handler_times_its_imports_first(local_run):
+    """Run first in its interpreter (as on RunPod), the handler's imports load torch, diffusers and the
+    SDK: seconds, not nothing. (In-process tests import it after those, so there it reports ~0.)"""
+    done, _ = local_run
+    summary = re.search(r"startup: imports (\d+\.\d+) s, pulid-flux start [\d.]+ s, z-image load", done.stderr)
+    assert summary, done.stderr[-2000:]
+    assert float(summary.group(1)) > 0
+
+
+def test_a_local_run_prints_nothing_that_reads_like_a_broken_install(local_run):
+    done, _ = local_run
+    output = done.stdout + done.stderr
+    assert "not installed" not in output and "Traceback" not in output, output[-2000:]
+    assert "WARNING" not in output and "[transformers]" not in output, output[-2000:]
 
 
 def test_test_input_command_line_reports_bad_input(tmp_path):

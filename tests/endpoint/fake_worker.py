@@ -1,10 +1,13 @@
-"""TEST FIXTURE: a stand-in for the real handler, for testing the HTTP layer only.
+"""TEST FIXTURE: a stand-in for the real handler, for testing the endpoint and the worker loop.
 
-It honours the handler contract of docs/ARCHITECTURE.md (async generator, image / image_error /
-summary chunks, `{"error": "invalid_input: <field>: <rule>"}` for bad input, the capabilities
-action, `concurrency_modifier`) but generates nothing: each "image" is a short sleep and a few
-bytes of base64. Two fixture-only input fields exercise failure paths: `delay_s` (seconds per
-image) and `fault` ("raise" after the first image, or "image_error" for image 0).
+The local endpoint runs it under the runpod SDK's worker loop (`python -m endpoint.sdk_worker
+tests.endpoint.fake_worker:handler`), as it runs handler.py. It honours the handler contract of
+docs/ARCHITECTURE.md (async generator, image / image_error / summary chunks, `{"error":
+"invalid_input: <field>: <rule>"}` for bad input, the capabilities action, `concurrency_modifier`,
+progress through the SDK's `progress_update`) but generates nothing: each "image" is a short sleep
+and a few bytes of base64. Fixture-only input fields exercise other paths: `delay_s` (seconds per
+image), `fault` ("raise" after the first image, "image_error" for image 0, or
+"fail_first_attempt": an error the first time this process sees the job id).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 from typing import Any
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+
+from runpod.serverless import progress_update
 
 from serving.init_image import describe as describe_image_to_image
 from serving.schema import input_limits
@@ -59,24 +64,11 @@ CAPABILITIES: dict[str, Any] = {
 }
 
 
-ProgressSink = Callable[[dict[str, Any], Any], None]
-
-
-def _no_progress(job: dict[str, Any], payload: Any) -> None:
-    """Until the endpoint sets its sink there is nowhere to report to."""
-
-
-_progress_sink: ProgressSink = _no_progress
+_seen_job_ids: set[str] = set()  # for fault "fail_first_attempt"
 
 
 def concurrency_modifier(current: int) -> int:
     return CONCURRENCY
-
-
-def set_progress_sink(sink: ProgressSink) -> None:
-    """The endpoint's progress hook, as handler.py offers it."""
-    global _progress_sink
-    _progress_sink = sink
 
 
 def _invalid(inp: Any) -> str | None:
@@ -105,6 +97,9 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         yield CAPABILITIES
         return
     error = _invalid(inp)
+    if inp.get("fault") == "fail_first_attempt" and job["id"] not in _seen_job_ids:
+        _seen_job_ids.add(job["id"])
+        error = "fixture: first attempt fails"
     if error:
         yield {"error": error}
         return
@@ -117,7 +112,7 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         if inp.get("fault") == "raise" and index == 1:
             raise RuntimeError("fixture fault")
         progress = {"completed": index + 1, "total": total}
-        _progress_sink(job, progress)
+        progress_update(job, progress)
         if inp.get("fault") == "image_error" and index == 0:
             yield {
                 "image_error": {"index": index, "seed": seed + index, "code": "fixture", "message": "injected"},
@@ -127,7 +122,8 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         data = base64.b64encode(f"img-{job['id']}-{index}".encode()).decode()
         image = {"index": index, "seed": seed + index, "width": width, "height": height, "format": fmt, "base64": data}
         yield {"image": image, "progress": progress}
-    summary = {"num_images": total, "width": width, "height": height, "workflow": inp.get("workflow", "auto")}
+    summary = {"num_images": total, "width": width, "height": height, "workflow": inp.get("workflow", "auto"),
+               "job_keys": sorted(job), "s3Config": job.get("s3Config")}
     if "init_image" in inp:  # the fixture's own "image" bytes: lets the benchmark test see what it sent
         summary["init_image"] = inp["init_image"]
     yield {"summary": summary}

@@ -1,4 +1,5 @@
-"""The official runpod client (runpod.Endpoint) works unchanged against the local endpoint."""
+"""The official runpod client (runpod.Endpoint) works unchanged against the local endpoint (its
+worker a process running the fake worker under the runpod SDK's loop)."""
 
 from __future__ import annotations
 
@@ -73,8 +74,10 @@ def test_failed_job_surfaces_error(client: runpod.Endpoint, endpoint: Background
     assert body["error"] == "invalid_input: prompt: required non-empty string"
 
 
-def test_purge_queue(client: runpod.Endpoint) -> None:
-    running = [client.run({"prompt": "p", "num_images": 2, "delay_s": 1.0}) for _ in range(CONCURRENCY)]
+def test_purge_queue(client: runpod.Endpoint, endpoint: BackgroundEndpoint) -> None:
+    running = [client.run({"prompt": "p", "num_images": 2, "delay_s": 3.0}) for _ in range(CONCURRENCY)]
+    for job in running:
+        Api(endpoint).wait_for_status(job.job_id, "IN_PROGRESS")
     queued = client.run({"prompt": "p"})
     assert client.purge_queue() == {"removed": 1, "status": "completed"}
     assert queued.status() == "CANCELLED"

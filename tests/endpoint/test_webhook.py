@@ -1,4 +1,6 @@
-"""Webhooks: the final /status body POSTed with RunPod's retries, bounded, never holding jobs."""
+"""Webhooks: the final /status body POSTed with RunPod's retries, bounded, never holding jobs.
+
+No worker process: the test plays the worker over the protocol (tests/endpoint/protocol.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +9,35 @@ from itertools import pairwise
 
 import pytest
 
+from endpoint.background import BackgroundEndpoint
 from endpoint.webhook import WebhookPolicy, check_webhook_url
+from endpoint.worker_api import WorkerApiSettings
 from tests.conftest import EndpointFactory
 from tests.endpoint.http import Api
+from tests.endpoint.protocol import ProtocolWorker
 from tests.endpoint.receiver import WebhookReceiver
 
 FAST_RETRIES = WebhookPolicy(retry_delay_s=0.3, attempt_timeout_s=1.0, allow_private=True)
+CHUNKS = [{"image": {"index": 0}}, {"image": {"index": 1}}, {"summary": {}}]
+
+
+def serve(start_endpoint: EndpointFactory, policy: WebhookPolicy) -> BackgroundEndpoint:
+    return start_endpoint(workers=0, webhook=policy, worker_api=WorkerApiSettings(hold_s=0.3))
+
+
+def run_one(server: BackgroundEndpoint, result: dict) -> None:
+    """Take the next job and post `result` for it, as a worker does."""
+    worker = ProtocolWorker(server)
+    [job] = worker.take()
+    worker.done(job["id"], result)
 
 
 def test_final_status_body_is_posted_and_retried_until_200(start_endpoint: EndpointFactory) -> None:
-    api = Api(start_endpoint(webhook=FAST_RETRIES))
+    server = serve(start_endpoint, FAST_RETRIES)
+    api = Api(server)
     with WebhookReceiver(statuses=(500, 404)) as receiver:
         job_id = api.submit({"prompt": "p", "num_images": 2}, webhook=receiver.url)
+        run_one(server, {"output": CHUNKS})
         final = api.wait(job_id)
         calls = receiver.wait_for_calls(3)
         time.sleep(0.5)  # a 4th call would come 0.3 s after the 3rd
@@ -30,13 +49,16 @@ def test_final_status_body_is_posted_and_retried_until_200(start_endpoint: Endpo
 
 
 def test_gives_up_after_three_attempts_and_a_hung_receiver_holds_no_job(start_endpoint: EndpointFactory) -> None:
-    api = Api(start_endpoint(webhook=WebhookPolicy(retry_delay_s=0.1, attempt_timeout_s=1.0, allow_private=True)))
+    server = serve(start_endpoint, WebhookPolicy(retry_delay_s=0.1, attempt_timeout_s=1.0, allow_private=True))
+    api = Api(server)
     with WebhookReceiver(delay_s=5.0) as receiver:  # never answers within an attempt's time
         failed = api.submit({"prompt": ""}, webhook=receiver.url)
+        run_one(server, {"error": "invalid_input: prompt: required non-empty string"})
         assert api.wait(failed)["status"] == "FAILED"
         receiver.wait_for_calls(1)
-        after = api.call("POST", "runsync", {"input": {"prompt": "p"}}).json()
-        assert after["status"] == "COMPLETED"
+        after = api.submit({"prompt": "p"})
+        run_one(server, {"output": CHUNKS})
+        assert api.wait(after)["status"] == "COMPLETED"
         assert len(receiver.calls) < 3, "the next job waited for the webhook's attempts"
         receiver.wait_for_calls(3)
         time.sleep(1.5)
@@ -48,10 +70,12 @@ def test_gives_up_after_three_attempts_and_a_hung_receiver_holds_no_job(start_en
 def test_private_targets_are_refused_unless_allowed(
     start_endpoint: EndpointFactory, host: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    api = Api(start_endpoint(webhook=WebhookPolicy(retry_delay_s=0.05)))  # RunPod's rule: public only
+    server = serve(start_endpoint, WebhookPolicy(retry_delay_s=0.05))  # RunPod's rule: public only
+    api = Api(server)
     with WebhookReceiver() as receiver:
         url = receiver.url.replace("127.0.0.1", host)
         job_id = api.submit({"prompt": "p"}, webhook=url)
+        run_one(server, {"output": CHUNKS})
         assert api.wait(job_id)["status"] == "COMPLETED"
         time.sleep(0.3)
         assert receiver.calls == []
@@ -59,10 +83,11 @@ def test_private_targets_are_refused_unless_allowed(
 
 
 def test_a_cancelled_job_calls_the_webhook_too(start_endpoint: EndpointFactory) -> None:
-    api = Api(start_endpoint(webhook=FAST_RETRIES))
+    server = serve(start_endpoint, FAST_RETRIES)
+    api = Api(server)
     with WebhookReceiver() as receiver:
-        job_id = api.submit({"prompt": "p", "num_images": 3, "delay_s": 1.0}, webhook=receiver.url)
-        api.wait_for_status(job_id, "IN_PROGRESS")
+        job_id = api.submit({"prompt": "p", "num_images": 3}, webhook=receiver.url)
+        ProtocolWorker(server).take()
         api.call("POST", f"cancel/{job_id}")
         assert receiver.wait_for_calls(1)[0][1] == {**api.status(job_id), "status": "CANCELLED"}
 
@@ -70,8 +95,8 @@ def test_a_cancelled_job_calls_the_webhook_too(start_endpoint: EndpointFactory) 
 @pytest.mark.parametrize("value", [
     42, "", "ftp://example.com/x", "https://", "http://example.com:99999/", "example.com/hook", "h" * 3000,
 ])
-def test_bad_webhook_values_are_400(endpoint, value: object) -> None:
-    response = Api(endpoint).call("POST", "run", {"input": {"prompt": "p"}, "webhook": value})
+def test_bad_webhook_values_are_400(start_endpoint: EndpointFactory, value: object) -> None:
+    response = Api(start_endpoint(workers=0)).call("POST", "run", {"input": {"prompt": "p"}, "webhook": value})
     assert response.status_code == 400 and "webhook" in response.json()["error"]
 
 

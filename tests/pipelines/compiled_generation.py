@@ -1,14 +1,16 @@
 """Run by tests/pipelines/test_acceleration.py in a fresh process (a restarted worker, as far as
 dynamo and Inductor's in-memory caches know): the demo engine's eager images for a few jobs, then
 what a CUDA worker does at start (`prepare_engine`: attention selection, regional compile, warm-up,
-compile cache saved) on CPU, the same jobs compiled (LoRA jobs among them), and a save to a path it
-cannot be written to.
+compile cache saved) on CPU, the same jobs compiled (LoRA jobs among them, and rows run as the
+scheduler runs them: joining mid-way, each call over another number of rows at their own sigmas),
+and a save to a path it cannot be written to.
 Prints one JSON line."""
 
 from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +21,10 @@ from torch._dynamo.utils import counters
 
 from models.z_image_demo import ensure_demo_model
 from pipelines.acceleration import MEGA_CACHE_FILE, AccelerationPlan, save_compile_cache
+from pipelines.engine import ImageItem
 from pipelines.lora import LoraAdapter
 from pipelines.startup import prepare_engine
-from pipelines.z_image import ZImageEngine
+from pipelines.z_image import BatchSpec, ZImageEngine
 from serving.settings import REPO_ROOT
 
 WARMUP_SIDE, WARMUP_MAX_BATCH = 64, 4
@@ -48,15 +51,33 @@ def adapter(engine: ZImageEngine, name: str, rank: int) -> LoraAdapter:
     return LoraAdapter(name * 64, "test", factors)
 
 
-def images(engine: ZImageEngine, count: int, prompt: str, width: int, height: int, lora) -> np.ndarray:
+def images(engine: ZImageEngine, *, count: int, prompt: str, width: int, height: int, lora) -> np.ndarray:
     loras = ((adapter(engine, *lora), 1.0),) if lora else ()
     return engine.generate_fixed(prompt, count, width, height, 2, loras).images
 
 
+def staggered_rows(engine: ZImageEngine) -> np.ndarray:
+    """Rows as the scheduler runs them: started at different times, every call over another subset
+    (1, 3, 2, 3 rows, then what is left) at different sigmas, danrisi beside simple."""
+    jobs = [(ImageItem("a cat", "", 1), BatchSpec(64, 64, 3, 0.0, "z-image-simple")),
+            (ImageItem("a dog", "", 2), BatchSpec(64, 64, 2, 0.0, "z-image-danrisi", eta=0.5)),
+            (ImageItem("a cow", "", 3), BatchSpec(64, 64, 4, 0.0, "z-image-simple"))]
+    rows = engine.start([jobs[0][0]], jobs[0][1])
+    engine.step(rows)
+    rows += engine.start([jobs[1][0]], jobs[1][1]) + engine.start([jobs[2][0]], jobs[2][1])
+    engine.step(rows)
+    engine.step(rows[1:])
+    while not all(row.done for row in rows):
+        engine.step([row for row in rows if not row.done])
+    return engine.finish(rows)
+
+
 def main(cache_dir: Path) -> None:
     model_dir = ensure_demo_model(REPO_ROOT / ".cache" / "demo-models")
+    runs = [partial(images, count=job[0], prompt=job[1], width=job[2], height=job[3], lora=job[4]) for job in JOBS]
+    runs.append(staggered_rows)
     eager_engine = ZImageEngine.load(model_dir, "cpu")
-    eager = [images(eager_engine, *job) for job in JOBS]
+    eager = [run(eager_engine) for run in runs]
     del eager_engine
     # What a CUDA worker does at start, on CPU: attention selection, regional compile, warm-up, cache saved.
     plan = AccelerationPlan(attention="native", compile=True, compile_cache_dir=cache_dir, warmup=True)
@@ -64,8 +85,8 @@ def main(cache_dir: Path) -> None:
     transformer, report = engine.pipe.transformer, engine.acceleration
     graphs_after_warmup = counters["stats"]["unique_graphs"]
     max_diff, graphs = [], []
-    for job, reference in zip(JOBS, eager):
-        max_diff.append(int(np.abs(images(engine, *job).astype(int) - reference).max()))
+    for run, reference in zip(runs, eager):
+        max_diff.append(int(np.abs(run(engine).astype(int) - reference).max()))
         graphs.append(counters["stats"]["unique_graphs"])
     unwritable = save_compile_cache(Path("/dev/null"))  # not a directory: logged, start goes on
     saved = cache_dir / MEGA_CACHE_FILE if (cache_dir / MEGA_CACHE_FILE).is_file() else None  # saved by the start-up

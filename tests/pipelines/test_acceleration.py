@@ -3,13 +3,9 @@ attention dispatch, FP8 layer choice and its quality guard, and that CPU stays p
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 from functools import partial
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +21,7 @@ from pipelines.startup import place_text_encoder, prepare_engine, render_guard, 
 from pipelines.z_image import ZImageEngine
 from serving.settings import REPO_ROOT, SettingsError, load_settings
 from serving.startup import acceleration_plan
-from tests.conftest import ROOT, assert_regenerates
+from tests.conftest import assert_regenerates
 
 
 pytestmark = pytest.mark.usefixtures("restore_attention_backend")
@@ -112,7 +108,7 @@ def test_auto_text_encoder_leaves_the_gpu_only_when_one_image_would_not_fit(demo
 # -- attention -----------------------------------------------------------------------------------
 def test_masks_are_skipped_when_every_caption_pads_alike(transformer):
     """diffusers passes attn_mask=None for equal lengths: a kernel that refuses masks runs such a
-    batch (the batcher's grouping relies on it), and refuses one with mixed lengths."""
+    batch (the scheduler.s batch keys rely on it), and refuses one with mixed lengths."""
     transformer.set_attention_backend("_native_flash")
     assert _forward(transformer, [20, 25]).isfinite().all()  # both pad to 32 tokens
     with pytest.raises(ValueError, match="attn_mask"):
@@ -156,14 +152,6 @@ def test_reselection_replaces_the_previous_routing(transformer):
 
 
 # -- compile ---------------------------------------------------------------------------------------
-def _compiled_generation(cache_dir: Path) -> dict:
-    """tests/pipelines/compiled_generation.py in a fresh interpreter: Inductor compiles on CPU too."""
-    done = subprocess.run([sys.executable, "-m", "tests.pipelines.compiled_generation", str(cache_dir)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.parametrize("max_batch, runs", [
     (1, ["batch 1", "batch 1, long prompt", "batch 1, LoRA rank 8", "batch 1, LoRA rank 16"]),
     # batch 2's symbolic graph serves 3..12
@@ -175,12 +163,8 @@ def test_warm_up_runs_the_shapes_that_compile_and_no_more(demo_dir, max_batch, r
     assert list(warm_up(engine, 32, 32, max_batch, steps=1)) == runs
 
 
-@pytest.fixture(scope="module")
-def first_compile(tmp_path_factory) -> tuple[Path, dict]:
-    cache_dir = tmp_path_factory.mktemp("compile-cache")
-    return cache_dir, _compiled_generation(cache_dir)
-
-
+# The fresh-process runs behind these tests start in the background at the end of collection
+# (tests/pipelines/conftest.py: CompileRuns).
 @pytest.mark.slow
 def test_after_warm_up_jobs_of_new_batch_sizes_captions_sizes_and_loras_compile_nothing(first_compile):
     _, run = first_compile
@@ -193,11 +177,9 @@ def test_after_warm_up_jobs_of_new_batch_sizes_captions_sizes_and_loras_compile_
 
 
 @pytest.mark.slow
-def test_the_saved_compile_cache_alone_spares_a_restarted_worker_the_compile(first_compile, tmp_path):
-    cache_dir, _ = first_compile
-    shutil.copy(cache_dir / MEGA_CACHE_FILE, tmp_path / MEGA_CACHE_FILE)  # no inductor dir: the file alone
-    restarted = _compiled_generation(tmp_path)
-    assert restarted["notes"] == [f"compile cache loaded from {tmp_path / MEGA_CACHE_FILE}"]
+def test_the_saved_compile_cache_alone_spares_a_restarted_worker_the_compile(restarted_compile):
+    cache_dir, restarted = restarted_compile  # the first run's mega-cache file alone, no inductor dir
+    assert restarted["notes"] == [f"compile cache loaded from {cache_dir / MEGA_CACHE_FILE}"]
     assert restarted["fxgraph_cache_miss"] == 0 and restarted["fxgraph_cache_hit"] > 0
     assert max(restarted["max_pixel_diff"]) <= 1
 

@@ -1,6 +1,7 @@
 """Image-to-image and inpainting on the demo model: the simple workflow equals diffusers' own
-pipelines, rows batch like text-to-image rows, the kept region is kept, a strength skips the steps it
-should, and danrisi enters its schedule where documented (docs/API.md, "Image to image")."""
+pipelines, image-to-image rows share model calls with text-to-image rows (each at its own sigma) and
+come out as alone, the kept region is kept, a strength skips the steps it should, and danrisi
+enters its schedule where documented (docs/API.md, "Image to image")."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.engine import ImageItem
+from pipelines.engine import ImageItem, run_lockstep
 from pipelines.img2img import (
     InitImage, danrisi_schedule, image_latents, preprocess_image, preprocess_mask, start_index,
 )
@@ -44,14 +45,23 @@ def _uint8(images: np.ndarray) -> np.ndarray:
 
 
 @contextmanager
-def model_call_sigmas(engine):
-    """The sigma of every transformer call (the model sees t = 1 - sigma)."""
-    sigmas: list[float] = []
-    hook = engine.pipe.transformer.register_forward_pre_hook(lambda _m, args: sigmas.append(1 - float(args[1][0])))
+def model_calls(engine):
+    """Each transformer call's row sigmas (the model sees t = 1 - sigma)."""
+    calls: list[list[float]] = []
+    hook = engine.pipe.transformer.register_forward_pre_hook(lambda _m, args: calls.append((1 - args[1]).tolist()))
     try:
-        yield sigmas
+        yield calls
     finally:
         hook.remove()
+
+
+@contextmanager
+def model_call_sigmas(engine):
+    """The sigma of every transformer call of one row."""
+    with model_calls(engine) as calls:
+        sigmas: list[float] = []
+        yield sigmas
+    sigmas.extend(call[0] for call in calls)
 
 
 # -- the simple workflow is diffusers' pipelines ------------------------------------------------------
@@ -93,16 +103,47 @@ def test_rows_of_different_images_and_seeds_batch_like_each_alone(engine):
 @pytest.mark.parametrize("workflow", ["z-image-simple", "z-image-danrisi"])
 def test_inpainting_keeps_the_kept_latents_exactly(engine, workflow):
     """After the last step the kept region (mask 0) is the image's clean latents, the repainted region
-    the sampler's: the blend runs after every step, down to sigma 0 (danrisi: after its last call)."""
+    the sampler's: the row's blend runs after every step, down to sigma 0 (danrisi: after its last
+    call)."""
     items = [ImageItem("a cat", "", 3, init=_init(mask=MASK_RGB))]
     spec = _spec(4, 1.0, workflow)
-    with torch.no_grad():
-        start = engine.image_start(items, spec)
-        latents = engine.denoise(start.x, engine.encode_prompts(["a cat"]), None, spec, lambda: False, [3], start)
-    kept = start.blend.mask == 0
+    [start] = engine.image_starts(items, spec)
+    [row] = engine.start(items, spec)
+    run_lockstep([row], engine.step, lambda: False)
+    blend = start.blend(items[0].init.mask)
+    kept = (blend.mask == 0).expand_as(row.latents)
     assert kept.any() and (~kept).any()
-    assert torch.equal(latents[kept.expand_as(latents)], start.blend.latents[kept.expand_as(latents)])
-    assert not torch.allclose(latents[~kept.expand_as(latents)], start.blend.latents[~kept.expand_as(latents)])
+    assert torch.equal(row.latents[kept], start.latents[kept])
+    assert not torch.allclose(row.latents[~kept], start.latents[~kept])
+
+
+def test_image_to_image_rows_share_calls_with_text_to_image_rows_and_equal_their_solo_runs(engine):
+    """One batch key for text to image, image to image at two strengths and inpainting: rows started
+    at different times run together, each at its own sigma (an image-to-image row joins with its
+    shorter tail), and each image equals its solo run."""
+    jobs = [(ImageItem("a cat", "", 1), _spec(4, None)),
+            (ImageItem("a cat", "", 2, init=_init()), _spec(4, 0.5)),
+            (ImageItem("a cat", "", 3, init=_init(OTHER_RGB, MASK_RGB)), _spec(5, 0.75)),
+            (ImageItem("a cat", "", 4, init=_init()), _spec(3, 0.7, "z-image-danrisi"))]
+    assert len({engine.batch_key(spec, item) for item, spec in jobs}) == 1
+    assert [engine.model_calls(spec) for _, spec in jobs] == [4, 2, 4, 2 * 2 + 1]
+    rows = engine.start([jobs[0][0]], jobs[0][1])
+    engine.step(rows)
+    for item, spec in jobs[1:]:
+        rows += engine.start([item], spec)  # joins mid-way, at its own sigma
+    with model_calls(engine) as called:
+        engine.step(rows)
+    assert len(called) == 1 and len(set(called[0])) == 4  # one call: four rows, each at its own sigma
+    while not all(row.done for row in rows):
+        engine.step([row for row in rows if not row.done])
+    for image, (item, spec), row in zip(engine.finish(rows), jobs, rows):
+        assert row.error is None and row.calls_left == 0
+        assert_regenerates(image, engine.generate([item], spec).images[0])
+
+
+def test_the_vae_encoding_is_timed_as_its_own_stage(engine):
+    timings = engine.generate([ImageItem("a cat", "", 1, init=_init())], _spec(2, 0.5)).timings_ms
+    assert list(timings) == ["text_encoding", "vae_encoding", "denoising", "decoding"]
 
 
 # -- strength: where a row starts ----------------------------------------------------------------------
@@ -112,7 +153,7 @@ def test_an_8_step_image_to_image_at_strength_half_makes_half_the_model_calls(en
         engine.generate([ImageItem("a cat", "", 1)], BatchSpec(SIZE, SIZE, 8, 0.0, "z-image-simple"))
     with model_call_sigmas(engine) as image_to_image:
         engine.generate([ImageItem("a cat", "", 1, init=_init())], spec)
-    assert (len(text_to_image), len(image_to_image)) == (8, 4)
+    assert (len(text_to_image), len(image_to_image)) == (8, 4) == (8, engine.model_calls(spec))
     np.testing.assert_allclose(image_to_image, text_to_image[4:], atol=1e-6)  # the schedule's tail
 
 
@@ -149,8 +190,8 @@ def test_a_danrisi_row_starts_from_the_image_at_that_sigma_with_the_graphs_noise
     with the seed's RES4LYF start noise; model calls at that sigma, then down the graph's schedule."""
     spec = _spec(8, 0.5, "z-image-danrisi")
     items = [ImageItem("a cat", "", 11, init=_init())]
+    [start] = engine.image_starts(items, spec)
     with torch.no_grad():
-        start = engine.image_start(items, spec)
         posterior = engine.pipe.vae.encode(items[0].init.pixels).latent_dist
     latents = image_latents(posterior, engine.pipe.vae.config, None)
     noise = danrisi_start_noise([11], tuple(latents.shape)).float()
@@ -176,14 +217,6 @@ def test_danrisi_at_a_tiny_strength_returns_the_init_images_vae_round_trip(engin
     assert np.abs(tiny.images[0] - round_trip).mean() < 1.0 < np.abs(text_to_image - round_trip).mean()
 
 
-def test_batch_keys_split_strengths_and_inpainting_from_text_to_image(engine):
-    plain, masked = ImageItem("a cat", "", 1, init=_init()), ImageItem("a cat", "", 1, init=_init(mask=MASK_RGB))
-    text = ImageItem("a cat", "", 1)
-    keys = {engine.batch_key(_spec(8, None), text), engine.batch_key(_spec(8, 0.5), plain),
-            engine.batch_key(_spec(8, 0.6), plain), engine.batch_key(_spec(8, 0.5), masked)}
-    assert len(keys) == 4
-    assert engine.batch_key(_spec(8, 0.5), plain) == engine.batch_key(_spec(8, 0.5), ImageItem("a dog", "", 9,
-                                                                                               init=_init(OTHER_RGB)))
 
 
 # -- preprocessing ----------------------------------------------------------------------------------------

@@ -121,3 +121,28 @@ def test_cancel_check_stops_generation(pipe, identity):
             [PROMPT], [1], identity=identity, id_weight=1.0, should_stop=lambda: calls.append(1) or True, **SIZE
         )
     assert len(calls) == 1, "the first step's check must stop the run"
+
+
+def test_rows_of_different_identities_and_start_steps_share_calls_and_equal_their_solo_runs(pipe, identity):
+    """Consistent mode on the scheduler: rows of one size with their own identity (or none), start
+    step, steps and guidance share calls, join mid-way, and each equals its solo render."""
+    from pipelines.engine import ImageItem
+    from pipelines.pulid_flux import PuLIDSpec
+
+    other = pipe.compute_identity(reference(1))
+    jobs = [(ImageItem(PROMPT, "", 3), PuLIDSpec(64, 64, 3, 3.5, "a", 1.0, 1, identity)),
+            (ImageItem("a person at the beach", "", 4), PuLIDSpec(64, 64, 4, 2.0, "b", 0.8, 0, other)),
+            (ImageItem(PROMPT, "", 5), PuLIDSpec(64, 64, 3, 3.5, "c", 0.0, 0, identity))]
+    assert len({pipe.batch_key(spec, item) for item, spec in jobs}) == 1
+    rows = pipe.start([jobs[0][0]], jobs[0][1])
+    pipe.step(rows)
+    rows += pipe.start([jobs[1][0]], jobs[1][1])
+    pipe.step(rows[1:])
+    rows += pipe.start([jobs[2][0]], jobs[2][1])
+    while not all(row.done for row in rows):
+        pipe.step([row for row in rows if not row.done])
+    for image, (item, spec) in zip(pipe.finish(rows), jobs):
+        alone = pipe.render([item.prompt], [item.seed], spec.width, spec.height, spec.steps, spec.guidance_scale,
+                            spec.identity, spec.id_weight, spec.identity_start_step)[0]
+        assert_regenerates(image, alone)
+    assert_regenerates(pipe.finish(rows[2:])[0], plain_flux(pipe, 5))  # weight 0 beside identity rows: plain

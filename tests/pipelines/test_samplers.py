@@ -15,8 +15,10 @@ import pytest
 import torch
 from scipy.stats import beta as beta_distribution
 
+from pipelines.engine import Row, SamplingStopped, call_model
 from pipelines.samplers import (
-    SamplingStopped, danrisi_sigmas, danrisi_start_noise, sample_danrisi, sample_euler, simple_sigmas,
+    danrisi, danrisi_calls, danrisi_sigmas, danrisi_start_noise, euler, euler_calls, sample_danrisi, sample_euler,
+    simple_sigmas,
 )
 
 SHIFT = 3.0
@@ -114,9 +116,12 @@ class GaussianMixtureFlow:
         return (weights * posterior).sum(1)
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        value = float(sigma)
-        self.calls.append(value)
-        return (x - self.denoise(x, value)) / value
+        """One sigma per row: rows of one call may be at different levels."""
+        rows = []
+        for row, value in zip(x.split(1), sigma.tolist()):
+            self.calls.append(value)
+            rows.append((row - self.denoise(row, value)) / value)
+        return torch.cat(rows)
 
 
 # -- RES4LYF 46de917, transcribed in its own terms ------------------------------------------------
@@ -250,6 +255,41 @@ def test_danrisi_batch_equals_each_image_alone_and_a_rerun_replays_the_noise():
     alone = [sample_danrisi(noise[i:i + 1], sigmas, model.velocity, lambda: False, seeds=[seeds[i]]) for i in range(2)]
     assert torch.allclose(batch, again, rtol=0, atol=1e-12)
     assert torch.allclose(batch, torch.cat(alone), rtol=0, atol=1e-12)
+
+
+def test_rows_paused_joined_and_mixed_with_the_other_sampler_equal_each_alone():
+    """The scheduler's freedom at the sampler level: rows stepped in any company (alone, together,
+    at different levels, beside an Euler row), paused for a while, give what each gives alone."""
+    model = GaussianMixtureFlow(SHAPE[1:])
+    sigmas, noise = danrisi_sigmas(4, SHIFT), _start_noise(3, images=3)
+    start = float(sigmas[0]) * noise  # a danrisi row starts from its latent at sigmas[0]
+    rows = [Row(danrisi(start[0:1], sigmas, 5), danrisi_calls(sigmas)),
+            Row(danrisi(start[1:2], sigmas, 9, eta=0.0), danrisi_calls(sigmas)),
+            Row(euler(noise[2:3], simple_sigmas(6, SHIFT)), euler_calls(simple_sigmas(6, SHIFT)))]
+    schedule = [[0], [0], [0, 1], [2], [0, 1, 2], [1], [1, 2], [0, 2]]  # then everything left, together
+    for chosen in schedule:
+        call_model([rows[i] for i in chosen], model.velocity)
+    assert [row.calls_left for row in rows] == [9 - 5, 9 - 4, 6 - 4]
+    while not all(row.done for row in rows):
+        call_model([row for row in rows if not row.done], model.velocity)
+    assert [row.calls_left for row in rows] == [0, 0, 0]
+    alone = [sample_danrisi(noise[0:1], sigmas, model.velocity, lambda: False, seeds=[5]),
+             sample_danrisi(noise[1:2], sigmas, model.velocity, lambda: False, seeds=[9], eta=0.0),
+             sample_euler(noise[2:3], simple_sigmas(6, SHIFT), model.velocity, lambda: False)]
+    for row, expected in zip(rows, alone):
+        assert torch.allclose(row.latents, expected, rtol=0, atol=1e-12)
+
+
+def test_a_failing_row_update_is_that_rows_error_and_the_others_advance():
+    def broken(x: torch.Tensor, sigmas: torch.Tensor):
+        yield x, sigmas[0]
+        raise ArithmeticError("bad latent")
+
+    good = Row(euler(torch.zeros(1, 1, 2, 2), simple_sigmas(2, SHIFT)), 2)
+    bad = Row(broken(torch.zeros(1, 1, 2, 2), simple_sigmas(2, SHIFT)), 2)
+    call_model([bad, good], lambda x, sigma: torch.ones_like(x))
+    assert isinstance(bad.error, ArithmeticError) and bad.done
+    assert good.error is None and not good.done and good.calls_left == 1
 
 
 def test_danrisi_works_in_the_latents_dtype():

@@ -1,6 +1,6 @@
 """Consistent mode's start-up on CPU: FP8 of the FLUX blocks behind the guard, regional compile of
-the FLUX blocks with the identity hooks inside, warm-up, and the eager fallback (Z-Image's
-start-up is covered in test_acceleration.py, with the compile in a fresh process)."""
+the FLUX blocks with the identity hooks inside and warm-up (in a fresh process: compiled_consistent.py),
+and the eager fallback (Z-Image's start-up is covered in test_acceleration.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from models.demo_pulid import ensure_demo_bundle
 from pipelines.acceleration import AccelerationPlan, AccelerationReport, apply_fp8_guarded, fp8_target_names
@@ -42,17 +41,16 @@ def _images(pipe: PuLIDFluxPipeline, count: int, prompt: str = "a portrait") -> 
 
 
 @pytest.mark.slow
-def test_compiled_flux_blocks_with_identity_hooks_match_eager_and_warm_up_leaves_nothing_to_compile(pipe, tmp_path):
-    eager = {count: _images(pipe, count) for count in (1, 3)}
-    torch._dynamo.reset()
-    plan = AccelerationPlan(compile=True, compile_cache_dir=tmp_path, warmup=True)
-    prepare_pulid(pipe, plan, max_batch=4, warmup_size=SIDE)
-    assert pipe.acceleration.compiled and list(pipe.acceleration.warmup_ms) == ["batch 1", "batch 2"]
-    graphs = counters["stats"]["unique_graphs"]
-    for count in (1, 3):  # batch 3 is new to the warm-up: batch 2's symbolic graph serves it
-        assert_regenerates(_images(pipe, count), eager[count])
-    assert counters["stats"]["unique_graphs"] == graphs
-    torch._dynamo.reset()
+def test_compiled_flux_blocks_with_identity_hooks_match_eager_and_warm_up_leaves_nothing_to_compile(
+        compiled_consistent):
+    """tests/pipelines/compiled_consistent.py in a fresh process (started in the background at the end
+    of collection: tests/pipelines/conftest.py)."""
+    folder, run = compiled_consistent
+    assert run["compiled"] and run["warmup"] == ["batch 1", "batch 2"]
+    assert run["graphs_after_jobs"] == run["graphs_after_warmup"] > 0  # batch 3: batch 2's symbolic graph
+    images = np.load(folder / "images.npz")
+    for count in (1, 3):
+        assert_regenerates(images[f"compiled_{count}"], images[f"eager_{count}"])
 
 
 @pytest.mark.slow

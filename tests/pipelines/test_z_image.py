@@ -8,7 +8,7 @@ import torch
 
 from pipelines.samplers import danrisi_sigmas, danrisi_start_noise, sample_danrisi
 from pipelines.z_image import BatchSpec, ImageItem
-from tests.conftest import assert_regenerates
+from tests.conftest import assert_differs, assert_regenerates
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +92,51 @@ def test_stage_timings_are_reported(engine):
     result = engine.generate([ImageItem("a hill", "", 1)], BatchSpec(64, 64, 1, 0.0, "z-image-simple"))
     assert set(result.timings_ms) == {"text_encoding", "denoising", "decoding"}
     assert result.images.shape == (1, 64, 64, 3) and result.images.dtype == np.uint8
+
+
+def test_rows_paused_joining_and_sharing_calls_across_workflows_and_loras_equal_their_solo_runs(engine):
+    """What the scheduler does with rows: start them at different times, run any subset of one batch
+    key per call (each row at its own step, simple beside danrisi, different LoRAs and steps),
+    leave some out for a while, decode as they finish. Every image equals its solo run."""
+    from pipelines.lora import load_lora
+    from tests.pipelines.test_lora import factors, peft_file
+
+    alice = load_lora(peft_file(factors(engine.lora_layers, seed=41)), engine.lora_layers)
+    bob = load_lora(peft_file(factors(engine.lora_layers, seed=42, rank=6)), engine.lora_layers)
+    jobs = [(ImageItem("a red car", "", 1), BatchSpec(64, 64, 3, 0.0, "z-image-simple")),
+            (ImageItem("a big dog", "", 2, ((alice, 1.0),)), BatchSpec(64, 64, 2, 0.0, "z-image-danrisi", eta=0.5)),
+            (ImageItem("a red car", "", 3, ((bob, -1.0), (alice, 0.5))), BatchSpec(64, 64, 4, 0.0, "z-image-simple")),
+            (ImageItem("a big dog", "", 4), BatchSpec(64, 64, 3, 0.0, "z-image-danrisi", eta=0.0))]
+    assert len({engine.batch_key(spec, item) for item, spec in jobs}) == 1
+    rows = engine.start([jobs[0][0]], jobs[0][1]) + engine.start([jobs[1][0]], jobs[1][1])
+    assert [row.calls_left for row in rows] == [3, 5] == [engine.model_calls(spec) for _, spec in jobs[:2]]
+    engine.step(rows[:1])
+    engine.step(rows[:2])
+    rows += engine.start([jobs[2][0]], jobs[2][1])  # joins mid-way
+    engine.step(rows[1:3])
+    engine.step([rows[0], rows[2]])
+    rows += engine.start([jobs[3][0]], jobs[3][1])
+    images: dict[int, np.ndarray] = {}
+    while len(images) < len(rows):
+        engine.step([row for row in rows if not row.done])
+        finished = [i for i, row in enumerate(rows) if row.done and i not in images]
+        for i, image in zip(finished, engine.finish([rows[i] for i in finished]) if finished else []):
+            images[i] = image
+    for i, (item, spec) in enumerate(jobs):
+        assert rows[i].error is None and rows[i].calls_left == 0
+        assert_regenerates(images[i], engine.generate([item], spec).images[0])
+    assert_differs(images[0], engine.generate([ImageItem("a red car", "", 1, ((alice, 1.0),))], jobs[0][1]).images[0])
+
+
+def test_cfg_rows_with_their_own_guidance_scales_share_a_call(engine):
+    jobs = [(ImageItem("a red car", "blurry", 5), BatchSpec(64, 64, 3, 2.5, "z-image-simple")),
+            (ImageItem("a big dog", "blurry", 6), BatchSpec(64, 64, 2, 6.0, "z-image-simple"))]
+    assert engine.batch_key(jobs[0][1], jobs[0][0]) == engine.batch_key(jobs[1][1], jobs[1][0])
+    assert engine.batch_key(BatchSpec(64, 64, 3, 0.0, "z-image-simple"), jobs[0][0]) != engine.batch_key(*jobs[0][::-1])
+    rows = engine.start([jobs[0][0]], jobs[0][1])
+    engine.step(rows)
+    rows += engine.start([jobs[1][0]], jobs[1][1])
+    while not all(row.done for row in rows):
+        engine.step([row for row in rows if not row.done])
+    for image, (item, spec) in zip(engine.finish(rows), jobs):
+        assert_regenerates(image, engine.generate([item], spec).images[0])

@@ -37,9 +37,10 @@ def lora_dir(tmp_path_factory, handler_module):
 @pytest.fixture(scope="module")
 def worker(handler_module, lora_dir, tmp_path_factory) -> Worker:
     """The served engine behind a worker whose LORA_DIR holds the test files; a long batch wait so
-    concurrent jobs meet in one batch."""
+    concurrent jobs meet in one batch, and rows always join (not as timings on this machine say)."""
     settings = load_settings({"LORA_DIR": str(lora_dir), "LORA_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
-                              "MAX_BATCH": "4", "BATCH_WAIT_MS": "400", "PULID_ENABLED": "0"})
+                              "MAX_BATCH": "4", "BATCH_WAIT_MS": "400", "BATCH_JOIN_COST": "1",
+                              "PULID_ENABLED": "0"})
     return Worker(settings, LoadedEngines(handler_module.WORKER.engine, None, "off"))
 
 

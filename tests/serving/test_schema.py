@@ -275,3 +275,13 @@ def test_the_summary_says_when_the_size_was_scaled_down_to_the_side_limit(handle
     assert (result["settings"]["width"], result["settings"]["height"]) == (2048, 1152)
     assert result["size_note"].endswith("scaled down to 2048x1152, same ratio")
     assert "size_note" not in run_job(handler_module, {**job, "megapixels": 0.01})
+
+
+def test_priority_is_interactive_or_background_or_left_out(handler_module):
+    assert parse_job_input({"prompt": "x"}).priority is None
+    assert parse_job_input({"prompt": "x", "priority": "background"}).priority == "background"
+    with pytest.raises(JobError, match=r"^invalid_input: priority: must be 'interactive' or 'background'$"):
+        parse_job_input({"prompt": "x", "priority": "urgent"})
+    assert input_limits()["priorities"] == ["interactive", "background"]
+    served = run_job(handler_module, {"prompt": "x", "priority": "interactive", "width": 64, "height": 64, "steps": 1})
+    assert served["errors"] == [] and served["settings"]["priority"] == "interactive"

@@ -56,7 +56,7 @@ def test_configuration_doc_lists_exactly_the_models_variables_and_defaults() -> 
 def test_defaults() -> None:
     settings = load_settings({})
     assert settings.storage is None and settings.uses_demo_model
-    assert (settings.max_batch, settings.concurrency, settings.encode_threads) == (0, 4, 4)
+    assert (settings.max_batch, settings.concurrency, settings.encode_threads) == (0, 8, 4)
     assert settings.max_response_bytes == 10 * 2**20 and settings.max_chunk_bytes == 1_000_000
     assert (settings.delivery_timeout_s, settings.cache_lookup_timeout_s, settings.job_storage_allow_private) == (
         30.0, 2.0, False)

@@ -59,8 +59,11 @@ def test_a_started_worker_reports_its_phases_in_capabilities() -> None:
 
 
 def test_the_handler_reports_its_imports_first_and_every_model_load(handler_module) -> None:
+    """Here the handler was imported after whatever earlier tests loaded: its imports may have cost
+    nothing, and then it says so (0 ms). That they are seconds when the handler runs first in its
+    interpreter, as on RunPod, is tests/test_handler.py's fresh-process test."""
     from tests.conftest import run_job
 
     startup = run_job(handler_module, {"action": "capabilities"})["startup_ms"]
     assert list(startup)[:3] == ["imports", "pulid-flux start", "z-image load"] and list(startup)[-1] == "total"
-    assert startup["imports"] > 0
+    assert startup["imports"] >= 0

@@ -27,14 +27,14 @@ def test_a_bug_while_planning_is_that_jobs_internal_error(handler_module, monkey
     assert result == {"error": "internal_error: KeyError while preparing the job"}
 
 
-def test_a_fatal_device_error_calls_on_fatal_and_fails_the_batch(handler_module, monkeypatch):
+def test_a_fatal_device_error_calls_on_fatal_and_fails_the_call(handler_module, monkeypatch):
     calls = []
     worker = _worker(handler_module, on_fatal=lambda: calls.append(1))
 
-    def broken_generate(items, spec, should_stop):
+    def broken_step(rows):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setattr(worker.engine, "generate", broken_generate)
+    monkeypatch.setattr(worker.engine, "step", broken_step)
     result = asyncio.run(collect(worker.run_job, {"id": "f", "input": {"prompt": "x", "num_images": 2, **SMALL}}))
     assert calls == [1]
     assert [error["code"] for error in result["errors"]] == ["device_failure", "device_failure"]
