@@ -18,7 +18,11 @@ from serving import init_image
 from serving import input_image
 from serving.errors import JobError
 from serving.init_image import InitImageLoader, size_from_image
+from serving.local_run import collect
 from serving.schema import parse_job_input
+from serving.settings import load_settings
+from serving.startup import LoadedEngines
+from serving.worker import Worker
 from tests.conftest import assert_differs, assert_regenerates, pixels, run_job
 from tests.serving.test_input_image import (  # noqa: F401 - https_host is a fixture
     beside_a_dripping_job, https_host, png_claiming,
@@ -168,6 +172,7 @@ def test_image_to_image_and_inpainting_jobs_end_to_end(handler_module):
     assert result["errors"] == [] and [(i["width"], i["height"]) for i in result["images"]] == [(96, 64)] * 2
     settings = result["settings"]
     assert settings["strength"] == 0.5 and (settings["width"], settings["height"]) == (96, 64)
+    assert result["model_calls"] == 2 and "vae_encoding" in result["timings_ms"]  # 4 steps from half-way
     assert result["init_image"] == {"sha256": hashlib.sha256(init).hexdigest(),
                                     "mask_sha256": hashlib.sha256(mask).hexdigest()}
     assert b64(init)[:64] not in json.dumps({k: v for k, v in result.items() if k != "images"})
@@ -186,3 +191,36 @@ def test_capabilities_list_image_to_image(handler_module):
     assert described["fields"] == ["init_image", "mask_image", "strength"] and described["modes"] == ["fast"]
     assert described["images"]["max_mb"] == 10 and described["images"]["formats"] == ["JPEG", "PNG", "WEBP"]
     assert caps["limits"]["strength"] == {"above": 0.0, "max": 1.0, "default": 0.6}
+
+
+# -- sharing model calls with text to image -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def patient(handler_module):
+    """The served engine behind a worker whose first call waits (up to 1 s) until two rows are in,
+    and where rows always join (not as timings on this machine say)."""
+    settings = load_settings({"BATCH_WAIT_MS": "1000", "MAX_BATCH": "2", "BATCH_JOIN_COST": "1", "PULID_ENABLED": "0"})
+    worker = Worker(settings, LoadedEngines(handler_module.WORKER.engine, None, "off"))
+    yield worker
+    worker.engine_loop.stop()
+
+
+def test_an_image_to_image_job_shares_model_calls_with_a_text_to_image_job(patient, handler_module):
+    """Concurrent jobs of one size: the inpainting job's 2 calls (4 steps from half-way) each carry
+    the text-to-image job's row too, which goes on alone for its other 2; each image equals its
+    solo run."""
+    size = {"width": 64, "height": 64, "steps": 4, "seed": 3, "output_format": "png", "workflow": "z-image-simple"}
+    from_image = {**size, "prompt": "a cat", "init_image": b64(png(noise(64, 64, seed=4))),
+                  "mask_image": b64(png(half_mask(64, 64))), "strength": 0.5}
+    from_text = {**size, "prompt": "a dog"}
+
+    async def together():
+        return await asyncio.gather(collect(patient.run_job, {"id": "i2i", "input": from_image}),
+                                    collect(patient.run_job, {"id": "t2i", "input": from_text}))
+
+    shared_image, shared_text = asyncio.run(together())
+    assert (shared_image["model_calls"], shared_text["model_calls"]) == (2, 4)
+    assert shared_image["batch_sizes"] == [2] and shared_text["batch_sizes"] == [2, 1]
+    for shared, job in ((shared_image, from_image), (shared_text, from_text)):
+        alone = run_job(handler_module, job)  # the default worker's short wait: no company
+        assert alone["batch_sizes"] == [1]
+        assert_regenerates(pixels(shared["images"][0]), pixels(alone["images"][0]))
