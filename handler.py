@@ -58,10 +58,9 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import runpod.serverless  # noqa: E402
-from runpod.serverless.modules.worker_state import JobsProgress  # noqa: E402
 
-from serving.engine_loop import IncomingJobs  # noqa: E402
 from serving.local_run import run_local_job  # noqa: E402
+from serving.sdk_intake import SdkIntake  # noqa: E402
 from serving.settings import load_settings  # noqa: E402
 from serving.startup_timing import StartupTimer  # noqa: E402
 from serving.worker import Worker  # noqa: E402
@@ -72,10 +71,7 @@ STARTUP.record("imports", (time.perf_counter() - IMPORTS_STARTED) * 1000)
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 CONFIG: dict[str, Any] = {}
-# The SDK's JobScaler.run_jobs starts the jobs it took at its next 0.1 s tick; a busy loop adds a
-# little. The scheduler holds a batch at most this long for such a job (docs/ENDPOINT.md).
-SDK_PICKUP_S = 0.25
-_started_jobs: set[str] = set()  # ids whose handler has begun, among those the SDK still holds
+INTAKE = SdkIntake()  # jobs the SDK took but has not started: an idle GPU's first call waits for them
 
 
 def request_fresh_worker() -> None:
@@ -84,26 +80,12 @@ def request_fresh_worker() -> None:
     CONFIG["refresh_worker"] = True
 
 
-def _sdk_held_job_ids() -> set[str]:
-    """Jobs the SDK has taken and not finished. `set.copy` is one C call under the GIL, so the
-    GPU thread can read the set while the event loop changes it."""
-    return {job.id for job in set.copy(JobsProgress())}
-
-
-def jobs_taken_not_started() -> bool:
-    """Whether the SDK holds a job whose handler has not begun: it will at the SDK's next tick,
-    and its images should share the next model call rather than wait for the one after."""
-    return bool(_sdk_held_job_ids() - _started_jobs)
-
-
-WORKER = Worker.start(load_settings(), STARTUP, on_fatal=request_fresh_worker,
-                      incoming=IncomingJobs(pending=jobs_taken_not_started, wait_s=SDK_PICKUP_S))
+WORKER = Worker.start(load_settings(), STARTUP, on_fatal=request_fresh_worker, incoming=INTAKE.incoming())
 
 
 async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """The RunPod handler: an async generator streaming one chunk per image, then a summary."""
-    _started_jobs.intersection_update(_sdk_held_job_ids())  # forget jobs the SDK has finished
-    _started_jobs.add(str(job.get("id")))
+    INTAKE.started(str(job.get("id")))
     async for chunk in WORKER.run_job(job):
         yield chunk
 
