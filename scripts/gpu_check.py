@@ -7,7 +7,7 @@ attention, compile and FP8 decisions) go to `<out>/gpu_check.log`. `--budget-s` 
 estimated cost no longer fits, and says so. Weights are random (speed depends on shapes, not
 values): built on the meta device and materialised on the target device, never on the CPU.
 
-    python -m scripts.gpu_check --size full --budget-s 500      # the GPU run (docs/PERFORMANCE.md)
+    python -m scripts.gpu_check --size full --budget-s 460      # the GPU run (docs/PERFORMANCE.md)
     python -m scripts.gpu_check --size small                     # CPU rehearsal, tiny configs
     python -m scripts.gpu_check --dry-run-full                   # full-size shapes and FLOPs on meta
 """
@@ -781,21 +781,22 @@ PHASES = (
     Phase("eager", phase_eager, {"full": 45, "small": 4}, ("build",)),
     Phase("compiled", phase_compiled, {"full": 200, "small": 60}, ("build",),
           "regional compile is a CUDA switch ; CPU Inductor is tested in tests/pipelines"),
+    # reads the eager and compiled rows only: right after them, so a late kill cannot lose peak_memory_gib
+    Phase("memory", phase_memory, {"full": 1, "small": 1}, ("eager",), "peak memory counters are CUDA's"),
     Phase("serving", phase_serving, {"full": 50, "small": 8}, ("build",)),
-    Phase("lora", phase_lora, {"full": 30, "small": 6}, ("build",)),
-    # 1024² (warm after `serving`; else +20 s): solo 1 image ≈ 2.5 s, solo 8 ≈ 20 s, both together
-    # ≈ 22 s; 512²: warm-up 5 s, capacity 4 s, the mix (12 jobs, ≈ 33 images at capacity) ≈ 15 s
-    Phase("scheduling", phase_scheduling, {"full": 70, "small": 20}, ("build",)),
     # warm at 1024² after `eager`: 2 variants x (untimed + timed) x (5 calls + VAE encode and decode)
     # ≈ 4 x 2 s, plus the VAE encoder's first 1024² call
     Phase("img2img", phase_img2img, {"full": 15, "small": 4}, ("eager",)),
+    # 1024² (warm after `serving`; else +20 s): solo 1 image ≈ 2.5 s, solo 8 ≈ 20 s, both together
+    # ≈ 22 s; 512²: warm-up 5 s, capacity 4 s, the mix (12 jobs, ≈ 33 images at capacity) ≈ 15 s
+    Phase("scheduling", phase_scheduling, {"full": 70, "small": 20}, ("build",)),
+    Phase("lora", phase_lora, {"full": 30, "small": 6}, ("build",)),
     Phase("consistent", phase_consistent, {"full": 70, "small": 8}),
     Phase("consistent_compiled", phase_consistent_compiled, {"full": 120, "small": 60}, ("consistent",),
           "regional compile is a CUDA switch; CPU Inductor is tested in tests/pipelines/test_startup.py"),
     Phase("fp8", phase_fp8, {"full": 30, "small": 2}, ("build",), "float8 matmuls need a CUDA GPU with SM >= 8.9"),
     Phase("fp8_compiled", phase_fp8_compiled, {"full": 150, "small": 60}, ("fp8",),
           "float8 matmuls need a CUDA GPU with SM >= 8.9"),
-    Phase("memory", phase_memory, {"full": 1, "small": 1}, ("eager",), "peak memory counters are CUDA's"),
 )
 
 
