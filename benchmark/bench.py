@@ -11,8 +11,8 @@ from typing import Any
 from tqdm import tqdm
 
 from benchmark.client import EndpointClient, EndpointError
-from benchmark.config import BenchmarkConfig, Permutation, job_inputs, permutations
-from benchmark.jobs import follow, submit
+from benchmark.config import WIZARD_PROFILE_FROM_BASE, BenchmarkConfig, Permutation, base_step, job_inputs, permutations
+from benchmark.jobs import JobOutcome, follow, submit
 
 
 class BenchmarkError(Exception):
@@ -37,6 +37,8 @@ def skip_reason(perm: Permutation, capabilities: dict[str, Any]) -> str | None:
             return f"{kind[:-1]} {name!r} not offered by the endpoint"
         if not entry.get("available"):
             return f"{kind[:-1]} {name!r} unavailable: {entry.get('reason') or 'no reason given'}"
+    if perm.strength is not None and not isinstance(capabilities.get("image_to_image"), dict):
+        return "image to image not offered by the endpoint"
     limits = capabilities.get("limits") or {}
     for name, limit, value in (("num_images", "num_images", perm.num_images), ("width", "side", perm.width),
                                ("height", "side", perm.height), ("steps", "steps", perm.steps)):
@@ -111,16 +113,39 @@ class Benchmark:
             raise BenchmarkError(f"capabilities job ended {body.get('status')}: {body.get('error', '')}"[:300])
         return parse_capabilities(body.get("output"))
 
-    async def run_once(self, perm: Permutation, repetition: int) -> dict[str, Any]:
+    async def run_jobs(self, inputs: list[dict[str, Any]]) -> list[JobOutcome]:
+        """Submit the jobs at once and follow each to its end; times from the first submission."""
         limits = self.config.limits
-        started = datetime.now(UTC).isoformat()
         t0 = time.monotonic()
-        inputs = job_inputs(self.config, perm, repetition)
         outcomes = await asyncio.gather(*(submit(self.client, i, t0) for i in inputs))
         await asyncio.gather(
             *(follow(self.client, o, t0, limits.job_timeout_s, limits.poll_interval_s) for o in outcomes)
         )
-        return run_record(perm, repetition, list(outcomes), started)
+        return list(outcomes)
+
+    async def run_once(self, perm: Permutation, repetition: int) -> dict[str, Any]:
+        started = datetime.now(UTC).isoformat()
+        if perm.scenario == WIZARD_PROFILE_FROM_BASE:
+            return await self.run_profile_from_base(perm, repetition, started)
+        outcomes = await self.run_jobs(job_inputs(self.config, perm, repetition))
+        return run_record(perm, repetition, outcomes, started)
+
+    async def run_profile_from_base(self, perm: Permutation, repetition: int, started: str) -> dict[str, Any]:
+        """The base jobs, then the profile set from the first one's image; the record times the
+        profile job from its own submission (what the user waits for after choosing) and keeps the
+        base step's record under `base`."""
+        base_perm = base_step(self.config, perm)
+        base_outcomes = await self.run_jobs(job_inputs(self.config, base_perm, repetition))
+        base = run_record(base_perm, repetition, base_outcomes, started)
+        chosen = base_outcomes[0].first_image
+        if chosen is None:
+            missing = JobOutcome()
+            missing.fail("base_image", f"base job {base_outcomes[0].id} delivered no image 0 to start from")
+            record = run_record(perm, repetition, [missing], started)
+        else:
+            profile = await self.run_jobs(job_inputs(self.config, perm, repetition, init_image=chosen))
+            record = run_record(perm, repetition, profile, datetime.now(UTC).isoformat())
+        return {**record, "base": base}
 
     async def run(self) -> None:
         self.capabilities = await self.fetch_capabilities()

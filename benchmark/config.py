@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MATRIX = "matrix"
 WIZARD_BASE = "wizard_base"
 WIZARD_PROFILE = "wizard_profile"
+WIZARD_PROFILE_FROM_BASE = "wizard_profile_from_base"
 
 
 class _Strict(BaseModel):
@@ -35,7 +36,9 @@ class Matrix(_Strict):
 
 
 class Wizard(_Strict):
-    """The users' flow: `base_jobs` one-image jobs at once, then one job of `profile_images`."""
+    """The users' flow: `base_jobs` one-image jobs at once, then one job of `profile_images`.
+    With `profile_from_base`, also the profile set made from the chosen base image: the base jobs,
+    then `profile_images` variations of the first one's image (its `init_image`) at `strength`."""
 
     workflow: str = "auto"
     mode: str = "fast"
@@ -44,6 +47,8 @@ class Wizard(_Strict):
     height: int = 1024
     base_jobs: int = Field(default=3, ge=1, le=16)
     profile_images: int = Field(default=8, ge=1, le=16)
+    profile_from_base: bool = False
+    strength: float = Field(default=0.6, gt=0, le=1)
 
 
 class Limits(_Strict):
@@ -89,12 +94,14 @@ class Permutation:
     num_images: int
     jobs: int
     loras: str = "[]"  # the matrix's LoRA set as JSON (hashable; see Matrix.loras)
+    strength: float | None = None  # image to image (the profile set from the base image)
 
     @property
     def key(self) -> str:
         lora = f"/lora{_lora_label(json.loads(self.loras))}" if json.loads(self.loras) else ""
+        strength = f"/strength{self.strength:g}" if self.strength is not None else ""
         return (f"{self.scenario}/{self.vertical}/{self.workflow}/{self.mode}/s{self.steps}/"
-                f"{self.width}x{self.height}/{self.jobs}x{self.num_images}img{lora}")
+                f"{self.width}x{self.height}/{self.jobs}x{self.num_images}img{lora}{strength}")
 
     def settings(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,12 +135,31 @@ def permutations(config: BenchmarkConfig) -> list[Permutation]:
             common = (vertical, w.workflow, w.mode, w.steps, w.width, w.height)
             out.append(Permutation(WIZARD_BASE, *common, num_images=1, jobs=w.base_jobs))
             out.append(Permutation(WIZARD_PROFILE, *common, num_images=w.profile_images, jobs=1))
+            if w.profile_from_base:
+                out.append(Permutation(WIZARD_PROFILE_FROM_BASE, *common, num_images=w.profile_images, jobs=1,
+                                       strength=w.strength))
     return out
 
 
-def job_inputs(config: BenchmarkConfig, perm: Permutation, repetition: int) -> list[dict[str, Any]]:
-    """The inputs of one run: prompts cycle through the vertical, seeds differ per job."""
+def base_step(config: BenchmarkConfig, perm: Permutation) -> Permutation:
+    """The base jobs a profile-from-base run makes first (the wizard's base step)."""
+    if config.wizard is None:
+        raise ValueError("a profile set from the base image needs the config's wizard")
+    return replace(perm, scenario=WIZARD_BASE, num_images=1, jobs=config.wizard.base_jobs, strength=None)
+
+
+def job_inputs(config: BenchmarkConfig, perm: Permutation, repetition: int,
+               init_image: str | None = None) -> list[dict[str, Any]]:
+    """The inputs of one run: prompts cycle through the vertical, seeds differ per job. A profile
+    set from the base image is one job: the first base job's prompt, the seed after the base
+    jobs', `init_image` (that job's image: base64 or URL) and `strength`."""
     prompts = config.verticals[perm.vertical]
+    if perm.scenario == WIZARD_PROFILE_FROM_BASE:
+        if init_image is None:
+            raise ValueError("a profile set from the base image needs the base image")
+        base = job_inputs(config, base_step(config, perm), repetition)
+        return [{**base[0], "num_images": perm.num_images, "seed": base[-1]["seed"] + 1,
+                 "init_image": init_image, "strength": perm.strength}]
     inputs = []
     for j in range(perm.jobs):
         inputs.append({

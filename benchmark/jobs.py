@@ -26,6 +26,7 @@ class JobOutcome:
     image_errors: dict[int, str] = field(default_factory=dict)
     job_failures: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
+    first_image: str | None = field(default=None, repr=False)  # image 0 (base64 or URL), kept in memory only
     duplicate_images: int = 0  # an image index streamed twice, or twice in the final output
 
     def fail(self, kind: str, reason: str) -> None:
@@ -59,10 +60,13 @@ def _take_chunk(outcome: JobOutcome, chunk: Any, at_ms: float, streamed: bool = 
     if not isinstance(chunk, dict):
         return
     if isinstance(chunk.get("image"), dict):
-        index = int(chunk["image"].get("index", len(outcome.image_arrival_ms)))
+        image = chunk["image"]
+        index = int(image.get("index", len(outcome.image_arrival_ms)))
         if streamed and index in outcome.image_arrival_ms:
             outcome.duplicate_images += 1
         outcome.image_arrival_ms.setdefault(index, at_ms)
+        if index == 0 and outcome.first_image is None:  # a profile set from the base image starts from it
+            outcome.first_image = image.get("base64") or image.get("url")
     if isinstance(chunk.get("image_error"), dict):
         err = chunk["image_error"]
         reason = f"{err.get('code')}: {err.get('message')}"[:MAX_ERROR_CHARS]

@@ -18,10 +18,13 @@ import itertools
 import time
 from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from pipelines.img2img import InitImage
 
 StopCheck = Callable[[], bool]
 # A sampler for one row: yields the point where it needs the model's output, (x, sigma) with x of
@@ -38,12 +41,14 @@ class SamplingStopped(Exception):
 @dataclass(frozen=True)
 class ImageItem:
     """One image to make: its own prompt, negative prompt, seed, and adapters (LoRA, scale) that
-    apply to it alone (images with different adapters share a call: pipelines/lora.py)."""
+    apply to it alone (images with different adapters share a call: pipelines/lora.py); for
+    image-to-image, the image (and mask) it starts from (pipelines/img2img.py)."""
 
     prompt: str
     negative_prompt: str
     seed: int
     loras: tuple[tuple[Any, float], ...] = ()
+    init: InitImage | None = field(default=None, compare=False)
 
 
 @dataclass(eq=False)
@@ -104,6 +109,24 @@ def run_lockstep(rows: list[Row], step: Callable[[list[Row]], None], should_stop
                 raise row.error
 
 
+class StageClock:
+    """Milliseconds per stage of engine work: `lap(stage)` adds the time since the last lap to
+    `stage`. On CUDA it synchronizes first, so a stage is charged the kernels it queued, not the
+    next stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.timings_ms: dict[str, float] = {}
+        self._since = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings_ms[stage] = self.timings_ms.get(stage, 0.0) + (now - self._since) * 1000
+        self._since = now
+
+
 @dataclass
 class BatchResult:
     """A lock-step generation's uint8 images (B, H, W, 3), the ms each stage took, and its id."""
@@ -139,8 +162,10 @@ class Engine(Protocol):
     def model_calls(self, spec: Any) -> int:
         """Model calls one image of `spec` takes from start to finish."""
 
-    def start(self, items: list[ImageItem], spec: Any) -> list[Row]:
-        """Rows for new images (text encoded in one batch, initial noise), not yet stepped."""
+    def start(self, items: list[ImageItem], spec: Any, clock: StageClock | None = None) -> list[Row]:
+        """Rows for new images (text encoded in one batch, initial noise or, for image to image, the
+        encoded init images), not yet stepped. Stages other than text encoding (`vae_encoding`) are
+        lapped on `clock`; the caller charges the rest of the start to `text_encoding`."""
 
     def step(self, rows: list[Row]) -> None:
         """Exactly one model call over `rows` (equal batch keys, any mix of steps and specs)."""
@@ -158,20 +183,11 @@ class Engine(Protocol):
 def generate_lockstep(engine: Engine, items: list[ImageItem], spec: Any, should_stop: StopCheck) -> BatchResult:
     """The engine's rows for `items` from start to pixels together, each stage timed: what the
     warm-up, the benchmarks and the tests run, on the same row code the scheduler drives."""
-    timings: dict[str, float] = {}
-
-    def mark(stage: str, since: float) -> float:
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize(engine.device)
-        now = time.perf_counter()
-        timings[stage] = round((now - since) * 1000, 2)
-        return now
-
-    started = time.perf_counter()
-    rows = engine.start(items, spec)
-    started = mark("text_encoding", started)
+    clock = StageClock(engine.device)
+    rows = engine.start(items, spec, clock)
+    clock.lap("text_encoding")
     run_lockstep(rows, engine.step, should_stop)
-    started = mark("denoising", started)
+    clock.lap("denoising")
     images = engine.finish(rows)
-    mark("decoding", started)
-    return BatchResult(images=images, timings_ms=timings)
+    clock.lap("decoding")
+    return BatchResult(images=images, timings_ms={stage: round(ms, 2) for stage, ms in clock.timings_ms.items()})

@@ -36,7 +36,9 @@ from models.face_parsing import BiSeNet, load_parsing_state_dict
 from models.flux_pipeline import FluxPipeline, calculate_shift
 from models.pulid_modules import IDFormer, PuLIDModules
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
-from pipelines.engine import BatchResult, ImageItem, ModelIdentity, Row, StopCheck, call_model, generate_lockstep
+from pipelines.engine import (
+    BatchResult, ImageItem, ModelIdentity, Row, StageClock, StopCheck, call_model, generate_lockstep,
+)
 from pipelines.identity import FaceEncoder, IdentityCache, IdentityEmbedding, IdentityEncoder, image_key
 from pipelines.samplers import euler
 
@@ -205,9 +207,10 @@ class PuLIDFluxPipeline:
         return {"dtype": str(self.flux.transformer.dtype), "fp8_layers": self.acceleration.fp8_layers}
 
     @torch.inference_mode()
-    def start(self, items: list[ImageItem], spec: PuLIDSpec) -> list[Row]:
+    def start(self, items: list[ImageItem], spec: PuLIDSpec, clock: StageClock | None = None) -> list[Row]:
         """Rows for new images: prompts encoded in one batch (T5 and CLIP, as FluxPipeline does),
-        packed noise from each image's generator, the size's shifted sigmas."""
+        packed noise from each image's generator, the size's shifted sigmas. All of it is the
+        caller's `text_encoding`: nothing to lap on `clock`."""
         flux, device = self.flux, self.device
         prompt_embeds, pooled, _ = flux.encode_prompt(prompt=[item.prompt for item in items], prompt_2=None,
                                                       device=device, max_sequence_length=T5_TOKENS)

@@ -13,7 +13,7 @@ schedule and sampler reproduce the users' ComfyUI graph (RES4LYF's linear/ralsto
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from itertools import pairwise
 
@@ -22,6 +22,10 @@ import torch
 from scipy.stats import beta as beta_distribution
 
 from pipelines.engine import Row, RowSampler, StopCheck, Velocity, call_model, run_lockstep
+
+# A row's own update after each step: x at the step's end and that sigma -> x (inpainting's blend
+# of the kept region, pipelines/img2img.py). After the last step the sigma is 0.
+StepHook = Callable[[torch.Tensor, torch.Tensor | float], torch.Tensor]
 
 
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
@@ -38,13 +42,16 @@ def simple_sigmas(steps: int, shift: float) -> torch.Tensor:
     return _with_terminal_zero(shift_sigmas(torch.linspace(1.0, 1.0 / steps, steps), shift))
 
 
-def euler(x: torch.Tensor, sigmas: torch.Tensor) -> RowSampler:
+def euler(x: torch.Tensor, sigmas: torch.Tensor, after_step: StepHook | None = None) -> RowSampler:
     """Flow-match Euler for one image from `x` at sigmas[0]: one model call per step, each update
     as diffusers' FlowMatchEulerDiscreteScheduler.step makes it (x in float32 plus dt times the
-    model's output, stored in the output's dtype: float32 for Z-Image, the model's for FLUX)."""
+    model's output, stored in the output's dtype: float32 for Z-Image, the model's for FLUX), then
+    `after_step` when given. An image-to-image row is the same sampler on the schedule's tail."""
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
         v = yield x, sigma
         x = (x.float() + (sigma_next - sigma) * v).to(v.dtype)
+        if after_step is not None:
+            x = after_step(x, sigma_next)
     return x
 
 
@@ -159,24 +166,26 @@ def _denoised(x: torch.Tensor, sigma: float) -> RowSampler:
     return x - sigma * v
 
 
-def danrisi(noise: torch.Tensor, sigmas: torch.Tensor, seed: int, eta: float = DANRISI_ETA) -> RowSampler:
+def danrisi(x: torch.Tensor, sigmas: torch.Tensor, seed: int, eta: float = DANRISI_ETA,
+            after_step: StepHook | None = None) -> RowSampler:
     """RES4LYF 46de917's linear/ralston_2s with SDE noise and bongmath, on `danrisi_sigmas`, for
     one image whose seed is `seed`.
 
-    `noise` is its unit start noise; the sampler starts at sigmas[0] * noise. Each step makes two
+    `x` is its latent at sigmas[0]: sigmas[0] times its unit start noise from text, or an
+    image-to-image row's noised init latent on the schedule's tail. Each step makes two
     model calls: at the step's start and at its 2/3 point, each epsilon measured from the step's
     start (RES4LYF's noise anchor). With eta > 0 the 2/3 point and the step's end are re-noised
     ("hard" mode, eta_substep = eta), and while sigma > 0.03 the step's start is re-solved so the
     re-noised 2/3 point is an exact stage from it (bongmath). The last model call, at sigmas[-2]
-    (sigma_min), returns its denoised estimate: 2N + 1 calls for N steps (`danrisi_calls`). The
-    noise generators live in this generator's frame, so a re-run replays the same noise and a
-    row gives the same image in any company and after any pause.
+    (sigma_min), returns its denoised estimate: 2N + 1 calls for N steps (`danrisi_calls`); a tail
+    entered below sigma_min is that one call. `after_step` sees x at each step's end and the final
+    estimate (at sigma 0). The noise generators live in this generator's frame, so a re-run
+    replays the same noise and a row gives the same image in any company and after any pause.
     """
     levels = [float(sigma) for sigma in sigmas]
-    if len(levels) < 3 or levels[-1] != 0.0:
-        raise ValueError("a danrisi schedule ends with sigma_min, 0")
-    sde = _SdeNoise(seed, noise) if eta > 0 else None
-    x = levels[0] * noise
+    if len(levels) < 2 or levels[-1] != 0.0:
+        raise ValueError("a danrisi schedule ends with its last model call's sigma, then 0")
+    sde = _SdeNoise(seed, x) if eta > 0 else None
     for sigma, sigma_next in pairwise(levels[:-1]):
         h = sigma_next - sigma
         sigma_mid = sigma + RALSTON_C2 * h
@@ -194,11 +203,14 @@ def danrisi(noise: torch.Tensor, sigmas: torch.Tensor, seed: int, eta: float = D
             x = x + h * eps
         else:
             x = _renoise(x - sigma * eps, eps, sigma_next, eta, sde.step())
-    return (yield from _denoised(x, levels[-2]))
+        if after_step is not None:
+            x = after_step(x, sigma_next)
+    final = yield from _denoised(x, levels[-2])
+    return final if after_step is None else after_step(final, 0.0)
 
 
 def danrisi_calls(sigmas: torch.Tensor) -> int:
-    """Two model calls per step and one at sigma_min: the schedule ends sigma_min, 0."""
+    """Two model calls per step and one at the last sigma before 0 (sigma_min)."""
     return 2 * (len(sigmas) - 2) + 1
 
 
@@ -206,8 +218,10 @@ def sample_danrisi(
     noise: torch.Tensor, sigmas: torch.Tensor, velocity: Velocity, should_stop: StopCheck, *,
     seeds: Sequence[int], eta: float = DANRISI_ETA,
 ) -> torch.Tensor:
-    """`danrisi` for each image of the batch `noise` (seeds[i] being image i's seed), in lock-step."""
+    """`danrisi` for each image of the batch `noise` (unit start noise; seeds[i] being image i's
+    seed) from sigmas[0] * noise, in lock-step."""
     if len(seeds) != noise.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for {noise.shape[0]} images")
-    rows = [Row(danrisi(noise[i : i + 1], sigmas, seed, eta), danrisi_calls(sigmas)) for i, seed in enumerate(seeds)]
+    x = float(sigmas[0]) * noise
+    rows = [Row(danrisi(x[i : i + 1], sigmas, seed, eta), danrisi_calls(sigmas)) for i, seed in enumerate(seeds)]
     return _lockstep(rows, velocity, should_stop)

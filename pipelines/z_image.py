@@ -1,9 +1,10 @@
 """The Z-Image engine: the warm model, serving rows (images in flight) one model call at a time.
 
 It holds one diffusers `ZImagePipeline` (loaded once, from a local diffusers-format folder) and
-runs its components directly: `start` encodes the prompts (cached) and draws each image's noise,
+runs its components directly: `start` encodes the prompts (cached) and draws each image's noise
+(or, for image to image, encodes its init image: a row that starts part-way down its schedule),
 `step` runs one transformer call over any rows of one batch key (each at its own sigma, with its
-own sampler, guidance and LoRAs), `finish` decodes. The simple workflow reproduces
+own sampler, guidance, LoRAs and strength), `finish` decodes. The simple workflow reproduces
 `ZImagePipeline.__call__` (tests/pipelines/test_z_image.py checks the pixels), the danrisi
 workflow the users' ComfyUI graph. It implements `pipelines.engine.Engine`.
 """
@@ -25,7 +26,12 @@ import torch
 from models.z_image_demo import MODEL_INFO_FILE
 from pipelines.acceleration import AccelerationReport, with_compile_fallback
 from pipelines.counting_cache import CountingLRU
-from pipelines.engine import BatchResult, ImageItem, ModelIdentity, Row, StopCheck, call_model, generate_lockstep
+from pipelines.engine import (
+    BatchResult, ImageItem, ModelIdentity, Row, StageClock, StopCheck, call_model, generate_lockstep,
+)
+from pipelines.img2img import (
+    Blend, RowStart, danrisi_row_start, danrisi_schedule, posteriors, simple_row_start, start_index,
+)
 from pipelines.lora import MixedLoraLayers
 from pipelines.samplers import (
     danrisi, danrisi_calls, danrisi_sigmas, danrisi_start_noise, euler, euler_calls, simple_sigmas,
@@ -65,6 +71,7 @@ class BatchSpec:
     guidance_scale: float
     workflow: str
     eta: float | None = None  # danrisi's SDE noise share; the simple workflow has none
+    strength: float | None = None  # image to image: how far down its schedule each image starts
 
     @property
     def cfg(self) -> bool:
@@ -143,8 +150,9 @@ class ZImageEngine:
     def batch_key(self, spec: BatchSpec, item: ImageItem) -> Hashable:
         """Rows share a model call when their latents have one shape and their texts pad alike, so
         the call runs the model on the same token layout as each row alone (no cross-image
-        attention padding), and CFG is on for all or none. Steps, sampler, guidance scale, eta
-        and LoRAs are per row: danrisi and simple rows of one size share calls."""
+        attention padding), and CFG is on for all or none. Steps, sampler, guidance scale, eta,
+        LoRAs, strength and an inpainting mask are per row: danrisi and simple rows, image to image
+        and text to image rows of one size share calls."""
         texts = [item.prompt] + ([item.negative_prompt] if spec.cfg else [])
         return (spec.width, spec.height, spec.cfg, tuple(self.text_length_bucket(t) for t in texts))
 
@@ -157,7 +165,14 @@ class ZImageEngine:
         return danrisi_calls(sigmas) if spec.workflow == "z-image-danrisi" else euler_calls(sigmas)
 
     def sigmas(self, spec: BatchSpec) -> torch.Tensor:
-        return sigma_schedule(spec.workflow, spec.steps, float(self.pipe.scheduler.config.get("shift", 3.0)))
+        """The schedule a row of `spec` runs: the workflow's, or for image to image its tail from
+        where the strength enters it (simple: diffusers' `get_timesteps`; danrisi: RES4LYF's start)."""
+        sigmas = sigma_schedule(spec.workflow, spec.steps, float(self.pipe.scheduler.config.get("shift", 3.0)))
+        if spec.strength is None:
+            return sigmas
+        if spec.workflow == "z-image-danrisi":
+            return danrisi_schedule(sigmas, spec.strength)
+        return sigmas[start_index(spec.steps, spec.strength):]
 
     def numerics(self) -> dict[str, Any]:
         return {"dtype": str(self.dtype), "fp8_layers": self.acceleration.fp8_layers}
@@ -256,30 +271,61 @@ class ZImageEngine:
 
         return velocity
 
-    def make_rows(self, noise: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None,
-                  items: list[ImageItem], spec: BatchSpec) -> list[Row]:
-        """One row per item from its start latents (noise[i]) and encodings, its sampler set at the
-        start of its schedule. (Where an image-to-image row would start part-way down the schedule
-        from a noised init latent.)"""
+    def make_rows(self, x: torch.Tensor, text: list[torch.Tensor], negative: list[torch.Tensor] | None,
+                  items: list[ImageItem], spec: BatchSpec, blends: list[Blend | None] | None = None) -> list[Row]:
+        """One row per item from its latent at the first sigma of its schedule (x[i]: sigma_0 times
+        its noise, or an image-to-image row's noised init latent on the schedule's tail) and its
+        encodings, its sampler set at that first sigma; `blends[i]`, inpainting's hook, runs after
+        each of its steps."""
         sigmas = self.sigmas(spec)
         rows = []
         for i, item in enumerate(items):
-            x = noise[i : i + 1]
+            after_step = blends[i] if blends is not None else None
             if spec.workflow == "z-image-danrisi":
-                sampler, calls = danrisi(x, sigmas, item.seed, spec.eta), danrisi_calls(sigmas)
+                sampler = danrisi(x[i : i + 1], sigmas, item.seed, spec.eta, after_step)
+                calls = danrisi_calls(sigmas)
             else:
-                sampler, calls = euler(x, sigmas), euler_calls(sigmas)
+                sampler, calls = euler(x[i : i + 1], sigmas, after_step), euler_calls(sigmas)
             conditioning = TextConditioning(text[i], negative[i] if negative is not None else None)
             rows.append(Row(sampler, calls, item, spec, conditioning))
         return rows
 
     @torch.no_grad()
-    def start(self, items: list[ImageItem], spec: BatchSpec) -> list[Row]:
-        """Rows for new images: their prompts encoded in one batch (cached), their noise drawn."""
+    def start(self, items: list[ImageItem], spec: BatchSpec, clock: StageClock | None = None) -> list[Row]:
+        """Rows for new images: their prompts encoded in one batch (cached), then their noise drawn,
+        or for image to image (`spec.strength`) their init images encoded (lapped as
+        `vae_encoding`) and noised to where the strength enters the schedule."""
+        clock = clock or StageClock(self.device)
         text = self.encode_prompts([item.prompt for item in items])
         negative = self.encode_prompts([item.negative_prompt for item in items]) if spec.cfg else None
-        noise = self.initial_noise([item.seed for item in items], spec.width, spec.height, spec.workflow)
-        return self.make_rows(noise, text, negative, items, spec)
+        if spec.strength is None:
+            noise = self.initial_noise([item.seed for item in items], spec.width, spec.height, spec.workflow)
+            return self.make_rows(float(self.sigmas(spec)[0]) * noise, text, negative, items, spec)
+        clock.lap("text_encoding")
+        starts = self.image_starts(items, spec)
+        clock.lap("vae_encoding")
+        blends = [start.blend(item.init.mask) for start, item in zip(starts, items)]
+        return self.make_rows(torch.cat([start.x for start in starts]).float(), text, negative, items, spec, blends)
+
+    # -- image to image and inpainting (pipelines/img2img.py) --------------------------------------
+    @torch.no_grad()
+    def image_starts(self, items: list[ImageItem], spec: BatchSpec) -> list[RowStart]:
+        """Each image-to-image row's start at the first sigma of its schedule tail: the distinct init
+        images of these rows encoded in one VAE call (a job's variations share theirs), each row's
+        latents and noise drawn from its own seed as diffusers (simple) or the graph (danrisi) does."""
+        vae = self.pipe.vae
+        distinct = {id(item.init): item.init for item in items}
+        pixels = torch.cat([init.pixels for init in distinct.values()]).to(self.device, vae.dtype)
+        encoded = dict(zip(distinct, posteriors(vae, pixels)))
+        sigma = self.sigmas(spec)[0]
+        starts = []
+        for item in items:
+            posterior = encoded[id(item.init)]
+            if spec.workflow == "z-image-danrisi":
+                starts.append(danrisi_row_start(posterior, vae.config, item.seed, float(sigma)))
+            else:
+                starts.append(simple_row_start(posterior, vae.config, item.seed, sigma, self.device))
+        return starts
 
     @torch.no_grad()
     def step(self, rows: list[Row]) -> None:

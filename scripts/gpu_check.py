@@ -7,7 +7,7 @@ attention, compile and FP8 decisions) go to `<out>/gpu_check.log`. `--budget-s` 
 estimated cost no longer fits, and says so. Weights are random (speed depends on shapes, not
 values): built on the meta device and materialised on the target device, never on the CPU.
 
-    python -m scripts.gpu_check --size full --budget-s 500      # the GPU run (docs/PERFORMANCE.md)
+    python -m scripts.gpu_check --size full --budget-s 460      # the GPU run (docs/PERFORMANCE.md)
     python -m scripts.gpu_check --size small                     # CPU rehearsal, tiny configs
     python -m scripts.gpu_check --dry-run-full                   # full-size shapes and FLOPs on meta
 """
@@ -489,6 +489,42 @@ def phase_scheduling(ctx: Context) -> None:
         worker.encode_pool.shutdown(wait=False)
 
 
+IMG2IMG_STRENGTH = 0.6  # the request's default: 8 steps start at step 3 and make 5 calls
+
+
+def phase_img2img(ctx: Context) -> None:
+    """Image to image (issue 25) on the engine as it stands (compiled if that phase ran): one image
+    from an init image at strength 0.6, and one inpainting image (the right half repainted), each
+    run once untimed (its first VAE encode at this size), then timed, with its model calls counted
+    on the transformer and its stages (`vae_encoding` among them), beside the text-to-image p50
+    of the eager or compiled phase (`one_image_1024_p50_s`)."""
+    from pipelines.img2img import InitImage, preprocess_image, preprocess_mask
+    from scripts.bench_img2img import model_calls
+
+    engine, side, steps = ctx.engine, ctx.sizes.side, ctx.sizes.steps
+    photo = np.random.default_rng(0).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    mask = np.zeros_like(photo)
+    mask[:, side // 2:] = 255
+    init = InitImage(preprocess_image(photo, side, side))
+    variants = {"image_to_image": init, "inpainting": InitImage(init.pixels, preprocess_mask(mask, side, side))}
+    spec = BatchSpec(side, side, steps, 0.0, "z-image-simple", None, IMG2IMG_STRENGTH)
+    text_to_image_s = ctx.results.data["summary"]["one_image_1024_p50_s"]
+    ctx.results.row("img2img", "text_to_image_p50_s", text_to_image_s)
+    for name, image in variants.items():
+        items = [ImageItem(f"{PROMPT} {name}", "", 1, init=image)]
+        calls = model_calls(engine, lambda items=items: engine.generate(items, spec))  # untimed
+        sync(ctx)
+        started = time.perf_counter()
+        result = engine.generate(items, spec)
+        sync(ctx)
+        seconds = round(time.perf_counter() - started, 3)
+        ctx.results.row("img2img", name, {
+            "side": side, "steps": steps, "strength": IMG2IMG_STRENGTH, "model_calls": calls, "s": seconds,
+            "stages_ms": result.timings_ms,
+            "vs_text_to_image": round(seconds / text_to_image_s, 3) if text_to_image_s else None})
+        ctx.results.summarise(**{f"{name}_one_image_1024_s": seconds})
+
+
 def build_consistent(ctx: Context) -> Any:
     """PuLID-FLUX beside Z-Image. Full: FLUX.1-dev-sized random weights built on the meta device and
     initialised on the GPU, the published PuLID sizes, the demo bundle's tokenizers and scheduler.
@@ -745,18 +781,22 @@ PHASES = (
     Phase("eager", phase_eager, {"full": 45, "small": 4}, ("build",)),
     Phase("compiled", phase_compiled, {"full": 200, "small": 60}, ("build",),
           "regional compile is a CUDA switch ; CPU Inductor is tested in tests/pipelines"),
+    # reads the eager and compiled rows only: right after them, so a late kill cannot lose peak_memory_gib
+    Phase("memory", phase_memory, {"full": 1, "small": 1}, ("eager",), "peak memory counters are CUDA's"),
     Phase("serving", phase_serving, {"full": 50, "small": 8}, ("build",)),
-    Phase("lora", phase_lora, {"full": 30, "small": 6}, ("build",)),
+    # warm at 1024² after `eager`: 2 variants x (untimed + timed) x (5 calls + VAE encode and decode)
+    # ≈ 4 x 2 s, plus the VAE encoder's first 1024² call
+    Phase("img2img", phase_img2img, {"full": 15, "small": 4}, ("eager",)),
     # 1024² (warm after `serving`; else +20 s): solo 1 image ≈ 2.5 s, solo 8 ≈ 20 s, both together
     # ≈ 22 s; 512²: warm-up 5 s, capacity 4 s, the mix (12 jobs, ≈ 33 images at capacity) ≈ 15 s
     Phase("scheduling", phase_scheduling, {"full": 70, "small": 20}, ("build",)),
+    Phase("lora", phase_lora, {"full": 30, "small": 6}, ("build",)),
     Phase("consistent", phase_consistent, {"full": 70, "small": 8}),
     Phase("consistent_compiled", phase_consistent_compiled, {"full": 120, "small": 60}, ("consistent",),
           "regional compile is a CUDA switch; CPU Inductor is tested in tests/pipelines/test_startup.py"),
     Phase("fp8", phase_fp8, {"full": 30, "small": 2}, ("build",), "float8 matmuls need a CUDA GPU with SM >= 8.9"),
     Phase("fp8_compiled", phase_fp8_compiled, {"full": 150, "small": 60}, ("fp8",),
           "float8 matmuls need a CUDA GPU with SM >= 8.9"),
-    Phase("memory", phase_memory, {"full": 1, "small": 1}, ("eager",), "peak memory counters are CUDA's"),
 )
 
 

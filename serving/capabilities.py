@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from pipelines.z_image import BatchSpec
+from serving import init_image
 from serving.modes import Modes
 from serving.schema import input_limits
 from serving.settings import Settings
@@ -27,6 +28,7 @@ def capabilities(settings: Settings, modes: Modes, store: ImageStore | None, sta
         "workflows": modes.fast.workflows(),
         "modes": modes.describe(),
         "loras": modes.fast.loras.describe(),
+        "image_to_image": init_image.describe(settings.max_pixels),
         "delivery": {"base64": True, "url": store is not None, "url_with_job_s3Config": True,
                      "result_cache": bool(store and store.config.result_cache)},
         "limits": {**input_limits(), "max_pixels": settings.max_pixels, "job_timeout_s": settings.job_timeout_s,

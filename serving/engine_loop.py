@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pipelines.engine import Engine, ImageItem
+from pipelines.engine import Engine, ImageItem, StageClock
 from serving.device import synchronize
 from serving.job_ticket import ImageOutcome, JobTicket, JobUsage
 from serving.scheduler import Call, Job, Priority, Scheduler, Slot
@@ -190,21 +190,24 @@ class EngineLoop:
             self._step(runnable, engine)
 
     def _start(self, slots: list[Slot], engine: Engine) -> None:
-        """Rows for the newcomers, one `start` per job (a job's images share a spec)."""
+        """Rows for the newcomers, one `start` per job (a job's images share a spec): its stages
+        timed (`vae_encoding` for image to image, the rest `text_encoding`)."""
         by_job: dict[int, list[Slot]] = {}
         for slot in slots:
             by_job.setdefault(id(slot.job), []).append(slot)
         for members in by_job.values():
             ticket = _ticket(members[0])
-            rows, seconds, _ = self._timed(engine, partial(self._start_rows, engine, ticket), members)
+            clock = StageClock(engine.device)
+            rows, _, _ = self._timed(engine, partial(self._start_rows, engine, ticket, clock), members)
+            clock.lap("text_encoding")
             with self._cond:
-                ticket.usage.timings_ms["text_encoding"] += seconds * 1000
+                ticket.usage.add_stages(clock.timings_ms)
                 for slot, row in rows:
                     row.tag, slot.row, slot.state = slot, row, "started"
 
     @staticmethod
-    def _start_rows(engine: Engine, ticket: JobTicket, slots: list[Slot]) -> list:
-        return engine.start([ticket.items[slot.index] for slot in slots], ticket.spec)
+    def _start_rows(engine: Engine, ticket: JobTicket, clock: StageClock, slots: list[Slot]) -> list:
+        return engine.start([ticket.items[slot.index] for slot in slots], ticket.spec, clock)
 
     def _step(self, slots: list[Slot], engine: Engine) -> None:
         done, seconds, once = self._timed(engine, lambda batch: engine.step([slot.row for slot in batch]), slots)

@@ -160,8 +160,8 @@ def summarize(plan: JobPlan, tally: JobTally, usage: JobUsage, timings: dict[str
         summary["delivery_note"] = "base64 would pass the result or stream chunk limit: images were uploaded instead"
     if plan.fallback_reason:
         summary["fallback_reason"] = plan.fallback_reason
-    if request.size_note:
-        summary["size_note"] = request.size_note
+    if plan.size_notes:
+        summary["size_note"] = "; ".join(plan.size_notes)
     if model["demo"]:
         summary["notice"] = "demo model with random weights: images are noise"
     return summary

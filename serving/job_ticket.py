@@ -38,6 +38,11 @@ class JobUsage:
     batch_sizes: list[int] = field(default_factory=list)
     last_rows: frozenset[int] = frozenset()
 
+    def add_stages(self, timings_ms: dict[str, float]) -> None:
+        """Stage times of a start (`text_encoding`, and `vae_encoding` for image to image)."""
+        for stage, ms in timings_ms.items():
+            self.timings_ms[stage] = self.timings_ms.get(stage, 0.0) + ms
+
     def add_call(self, rows: frozenset[int], ms: float) -> None:
         self.timings_ms["denoising"] += ms
         self.model_calls += 1

@@ -18,8 +18,9 @@ from pipelines.pulid_flux import PuLIDFluxPipeline, PuLIDSpec
 from pipelines.samplers import DANRISI_ETA, DANRISI_REFERENCE_STEPS
 from pipelines.z_image import BatchSpec, ZImageEngine
 from serving.errors import JobError
+from serving.init_image import InitImageLoader, InitInput
 from serving.lora_loading import LoraLoader
-from serving.reference_image import load_reference_image
+from serving.input_image import load_reference_image
 from serving.schema import MODE_DEFAULTS, GenerateRequest
 from serving.settings import Settings
 
@@ -43,7 +44,8 @@ def sampling_defaults(mode: str) -> dict[str, Any]:
 
 
 class FastMode:
-    """Z-Image-Turbo: the simple (diffusers) or danrisi workflow, with the job's LoRAs."""
+    """Z-Image-Turbo: the simple (diffusers) or danrisi workflow, with the job's LoRAs, from noise
+    or from the job's init image (loaded by `init_images` before the mode is chosen)."""
 
     name = "fast"
 
@@ -51,6 +53,7 @@ class FastMode:
         self.engine = engine
         self.settings = settings
         self.loras = LoraLoader(settings, engine.lora_layers)
+        self.init_images = InitImageLoader(settings.concurrency, settings.max_pixels)
 
     def resolve_workflow(self, requested: str) -> str:
         if requested == "auto":
@@ -60,13 +63,16 @@ class FastMode:
             raise JobError("workflow_unavailable", "z-image-danrisi is disabled on this worker", field="workflow")
         return requested
 
-    async def choose(self, request: GenerateRequest) -> ModeChoice:
+    async def choose(self, request: GenerateRequest, init: InitInput | None = None) -> ModeChoice:
         workflow = self.resolve_workflow(request.workflow)
-        spec = BatchSpec(request.width, request.height, *request.sampling("fast"), workflow, _eta(request, workflow))
+        width, height = (request.width, request.height) if init is None else (init.width, init.height)
+        spec = BatchSpec(width, height, *request.sampling("fast"), workflow, _eta(request, workflow),
+                         request.image_strength)
+        notes = {} if init is None else {"init_image": init.summary()}
         if not request.loras:
-            return ModeChoice(self.name, self.engine, spec)
+            return ModeChoice(self.name, self.engine, spec, notes)
         loras, reports = await self.loras.load(request.loras)
-        return ModeChoice(self.name, self.engine, spec, {"loras": reports}, loras)
+        return ModeChoice(self.name, self.engine, spec, {**notes, "loras": reports}, loras)
 
     def workflows(self) -> list[dict[str, Any]]:
         danrisi_reason = None if self.settings.danrisi_enabled else "disabled by DANRISI_ENABLED=0"
@@ -135,10 +141,11 @@ class Modes:
         self.fast = fast
         self.consistent = consistent
 
-    async def choose(self, request: GenerateRequest) -> tuple[ModeChoice, str | None]:
-        """The choice, and why it is not the requested mode (None when it is)."""
+    async def choose(self, request: GenerateRequest, init: InitInput | None = None) -> tuple[ModeChoice, str | None]:
+        """The choice, and why it is not the requested mode (None when it is). `init` is the
+        job's loaded init image (fast mode only: the schema refuses it with consistent mode)."""
         if request.mode == "fast":
-            return await self.fast.choose(request), None
+            return await self.fast.choose(request, init), None
         if self.consistent.pipeline is not None:
             return await self.consistent.choose(request), None
         reason = f"consistent mode is unavailable: {self.consistent.unavailable_reason}"

@@ -15,6 +15,7 @@ from typing import Any
 from pipelines.engine import Engine, ImageItem
 from serving.delivery import Delivery, StorageIO, open_job_store
 from serving.errors import JobError
+from serving.init_image import InitInput
 from serving.modes import ModeChoice, Modes
 from serving.outputs import effective_quality, image_entry
 from serving.schema import MAX_SEED, GenerateRequest
@@ -49,6 +50,12 @@ class JobPlan:
     delivery: Delivery
     fallback_reason: str | None = None
     cached_entries: dict[int, dict[str, Any]] = field(default_factory=dict)
+    init: InitInput | None = None  # image-to-image's init image and mask, loaded
+
+    @property
+    def size_notes(self) -> list[str]:
+        """Why the images' size is not what the request literally said, if it is not."""
+        return [note for note in (self.request.size_note, self.init and self.init.size_note) if note]
 
     @property
     def engine(self) -> Engine:
@@ -69,6 +76,9 @@ class JobPlan:
         }
         if item.loras:  # each LoRA by its content, in order: a renamed file still hits
             params["loras"] = [[adapter.sha256, scale] for adapter, scale in item.loras]
+        if self.init is not None:  # by content: the same image by URL or base64 still hits
+            params["init_image"] = self.init.sha256
+            params["mask_image"] = self.init.mask_sha256
         return params
 
 
@@ -86,16 +96,19 @@ async def job_store(s3_config: Any, settings: Settings, default: ImageStore | No
 
 async def plan_job(request: GenerateRequest, s3_config: Any, modes: Modes, settings: Settings,
                    store: ImageStore | None, io: StorageIO) -> JobPlan:
-    if request.width * request.height > settings.max_pixels:
+    if not request.size_from_init_image and request.width * request.height > settings.max_pixels:
         raise JobError("invalid_input", f"width x height must be at most {settings.max_pixels} pixels", field="width")
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    delivery = Delivery.plan(request.delivery, await job_store(s3_config, settings, store, io),
-                             settings.max_response_bytes, request.width * request.height, request.num_images,
+    job_bucket = await job_store(s3_config, settings, store, io)
+    init = await modes.fast.init_images.load(request)  # before delivery: it may decide the size
+    pixels = request.width * request.height if init is None else init.width * init.height
+    delivery = Delivery.plan(request.delivery, job_bucket, settings.max_response_bytes, pixels, request.num_images,
                              request.output_format, io=io, chunk_limit_bytes=settings.max_chunk_bytes)
-    mode, fallback_reason = await modes.choose(request)
-    items = [ImageItem(request.prompt, request.negative_prompt, (seed + i) % (MAX_SEED + 1), mode.loras)
+    mode, fallback_reason = await modes.choose(request, init)
+    items = [ImageItem(request.prompt, request.negative_prompt, (seed + i) % (MAX_SEED + 1), mode.loras,
+                       None if init is None else init.image)
              for i in range(request.num_images)]
-    plan = JobPlan(request, seed, mode, items, delivery, fallback_reason)
+    plan = JobPlan(request, seed, mode, items, delivery, fallback_reason, init=init)
     await find_cached(plan)
     return plan
 

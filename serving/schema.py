@@ -25,7 +25,8 @@ ASPECT_RATIOS = {name: tuple(int(n) for n in name.split(":")) for name in get_ar
 MEGAPIXEL = 1024 * 1024  # 1 "megapixel" is 1024x1024, so the default size is the model's native one
 DEFAULT_QUALITY = {"png": None, "webp": 90, "jpeg": 90}
 MAX_ID_WEIGHT = 3.0
-MAX_REFERENCE_CHARS = 14 * 2**20  # a 10 MB image as base64, plus a data-URI header
+MAX_IMAGE_CHARS = 14 * 2**20  # a 10 MB image as base64, plus a data-URI header
+DEFAULT_STRENGTH = 0.6  # image-to-image: diffusers' default for ZImageImg2ImgPipeline
 MAX_LORAS = 4
 MAX_LORA_SCALE = 4.0
 MAX_LORA_PATH_CHARS = 2048
@@ -83,11 +84,14 @@ class GenerateRequest(BaseModel):
     output_format: ImageFormat = "webp"
     output_quality: int | None = Field(None, ge=1, le=100)
     delivery: Literal["base64", "url"] = "base64"
-    reference_image: str | None = Field(None, min_length=1, max_length=MAX_REFERENCE_CHARS)
+    reference_image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_CHARS)
     id_weight: float = Field(1.0, ge=0.0, le=MAX_ID_WEIGHT, allow_inf_nan=False)
     identity_start_step: int | None = Field(None, ge=0, le=MAX_STEPS - 1)
     fallback: Literal["none", "fast"] = "none"
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    init_image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_CHARS)
+    mask_image: str | None = Field(None, min_length=1, max_length=MAX_IMAGE_CHARS)
+    strength: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     priority: Priority | None = None  # the scheduler's ranking: head start or handicap (serving/scheduler.py)
     _size_note: str | None = PrivateAttr(None)
 
@@ -115,6 +119,25 @@ class GenerateRequest(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _image_to_image(self) -> GenerateRequest:
+        if self.init_image is None:
+            if self.mask_image is not None:
+                raise _FieldRule("mask_image", "needs init_image (the image it masks)")
+            if self.strength is not None:
+                raise _FieldRule("strength", "is only used with init_image")
+        elif self.mode == "consistent":
+            raise _FieldRule("init_image", "is only available in fast mode (Z-Image), not with PuLID-FLUX")
+        return self
+
+    @property
+    def image_strength(self) -> float | None:
+        """How far down its schedule an image-to-image job starts: the request's, else 0.6; None
+        for text-to-image."""
+        if self.init_image is None:
+            return None
+        return DEFAULT_STRENGTH if self.strength is None else self.strength
+
+    @model_validator(mode="after")
     def _eta_needs_danrisi(self) -> GenerateRequest:
         if self.eta is not None and self.workflow == "z-image-simple":
             raise _FieldRule("eta", "is only used by z-image-danrisi")
@@ -131,6 +154,11 @@ class GenerateRequest(BaseModel):
         """Set when aspect_ratio/megapixels asked for a side over MAX_SIDE: what was served instead."""
         return self._size_note
 
+    @property
+    def size_from_init_image(self) -> bool:
+        """An init image with no size asked: the images take its size (serving/init_image.py)."""
+        return self.width is None
+
     @model_validator(mode="after")
     def _size(self) -> GenerateRequest:
         explicit = self.width is not None or self.height is not None
@@ -145,7 +173,7 @@ class GenerateRequest(BaseModel):
                 self._size_note = (
                     f"{ratio} at {megapixels:g} megapixels is {wanted[0]:.0f}x{wanted[1]:.0f}, over the "
                     f"{MAX_SIDE}-pixel side limit: scaled down to {self.width}x{self.height}, same ratio")
-        else:
+        elif explicit or self.init_image is None:
             self.width = self.width or 1024
             self.height = self.height or 1024
         return self
@@ -186,7 +214,7 @@ def _constraints(field: str) -> dict[str, Any]:
     model_field = (LoraRef.model_fields[parts[2]] if parts[0] == "loras" and len(parts) == 3
                    else GenerateRequest.model_fields[field])
     for item in model_field.metadata:
-        for name in ("ge", "le", "multiple_of", "min_length", "max_length", "allow_inf_nan"):
+        for name in ("gt", "ge", "le", "multiple_of", "min_length", "max_length", "allow_inf_nan"):
             if getattr(item, name, None) is not None:
                 found[name] = getattr(item, name)
     return found
@@ -204,6 +232,8 @@ def input_limits() -> dict[str, Any]:
         "guidance_scale": span("guidance_scale"), "prompt_chars": _constraints("prompt")["max_length"],
         "seed": span("seed"), "aspect_ratios": list(ASPECT_RATIOS), "output_formats": list(get_args(ImageFormat)),
         "id_weight": span("id_weight"), "loras": MAX_LORAS, "lora_scale": [-MAX_LORA_SCALE, MAX_LORA_SCALE],
+        "strength": {"above": _constraints("strength")["gt"], "max": _constraints("strength")["le"],
+                     "default": DEFAULT_STRENGTH},
         "priorities": list(get_args(Priority)),
     }
 
@@ -256,6 +286,8 @@ def _rule(kind: str, field: str, ctx: dict[str, Any]) -> str | None:
     if kind in ("greater_than_equal", "less_than_equal", "finite_number") and {"ge", "le"} <= bounds.keys():
         finite = "a finite number " if bounds.get("allow_inf_nan") is False else ""
         return f"must be {finite}between {_number(bounds['ge'])} and {_number(bounds['le'])}"
+    if kind in ("greater_than", "less_than_equal", "finite_number") and {"gt", "le"} <= bounds.keys():
+        return f"must be a finite number greater than {_number(bounds['gt'])} and at most {_number(bounds['le'])}"
     if kind == "multiple_of":
         return f"must be a multiple of {bounds['multiple_of']}"
     if kind == "string_too_long":

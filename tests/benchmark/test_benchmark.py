@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 from pathlib import Path
@@ -46,11 +47,18 @@ def test_smoke_config_end_to_end(endpoint: BackgroundEndpoint, tmp_path: Path, m
         assert run["submit_ms"] <= run["first_image_ms"]
     base = [r for r in report["runs"] if r["scenario"] == "wizard_base"]
     profile = [r for r in report["runs"] if r["scenario"] == "wizard_profile"]
+    from_base = [r for r in report["runs"] if r["scenario"] == "wizard_profile_from_base"]
     assert {(r["jobs"], r["num_images"]) for r in base} == {(3, 1)}
     assert {(r["jobs"], r["num_images"]) for r in profile} == {(1, 8)}
+    assert {(r["jobs"], r["num_images"], r["strength"]) for r in from_base} == {(1, 8, 0.6)}
+    for run in from_base:  # 8 variations of the first base job's image, made after the 3 base jobs
+        assert run["base"]["ok"] and run["base"]["jobs"] == 3
+        [job] = run["jobs_detail"]
+        first_base = run["base"]["jobs_detail"][0]["id"]
+        assert job["summary"]["init_image"] == base64.b64encode(f"img-{first_base}-0".encode()).decode()
     assert len({job["id"] for r in base for job in r["jobs_detail"]}) == 3 * len(base)
     targets = {row["scenario"]: row for row in report["summary"] if row["target"]}
-    assert targets["wizard_base"]["meets_target"] and targets["wizard_profile"]["meets_target"]
+    assert all(targets[s]["meets_target"] for s in ("wizard_base", "wizard_profile", "wizard_profile_from_base"))
     assert "base64" not in json.dumps(report["runs"])  # image data never lands in the report
 
 
@@ -137,3 +145,28 @@ def test_a_matrix_can_add_loras_to_a_permutation_and_mix_them_across_concurrent_
     assert [job["loras"] for job in job_inputs(config, same, 0)] == [one, one]
     assert [job["loras"] for job in job_inputs(config, different, 0)] == mixed
     assert (same.key.endswith("/lora1"), different.key.endswith("/lora2mixed")) == (True, True)
+
+
+def test_the_profile_set_from_the_base_image_varies_the_first_base_job():
+    from benchmark.config import WIZARD_PROFILE_FROM_BASE, base_step, job_inputs
+
+    config = BenchmarkConfig(name="w", verticals={"v": ["p0", "p1"]}, repetitions=1,
+                             wizard={"profile_from_base": True, "strength": 0.5, "profile_images": 8})
+    perm = next(p for p in permutations(config) if p.scenario == WIZARD_PROFILE_FROM_BASE)
+    assert perm.key.endswith("/1x8img/strength0.5")
+    base = job_inputs(config, base_step(config, perm), 2)
+    [job] = job_inputs(config, perm, 2, init_image="https://cdn.example/base.jpg")
+    assert (job["prompt"], job["num_images"], job["seed"]) == (base[0]["prompt"], 8, base[-1]["seed"] + 1)
+    assert (job["init_image"], job["strength"]) == ("https://cdn.example/base.jpg", 0.5)
+    with pytest.raises(ValueError, match="needs the base image"):
+        job_inputs(config, perm, 2)
+    assert "not offered" in skip_reason(perm, {**parse_capabilities([CAPABILITIES]), "image_to_image": None})
+
+
+def test_a_base_job_without_its_image_fails_the_profile_run_by_name(endpoint: BackgroundEndpoint) -> None:
+    config = _config(matrix=None, defaults={"fault": "image_error"},
+                     wizard={"base_jobs": 2, "profile_images": 2, "profile_from_base": True})
+    record = _run(endpoint, config)[-1]
+    assert record["scenario"] == "wizard_profile_from_base" and not record["ok"] and not record["base"]["ok"]
+    [failure] = record["failures"]
+    assert failure["kind"] == "base_image" and "delivered no image 0" in failure["reason"]

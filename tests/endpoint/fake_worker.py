@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 from runpod.serverless import progress_update
 
+from serving.init_image import describe as describe_image_to_image
 from serving.schema import input_limits
 
 CONCURRENCY = 4
@@ -48,6 +49,7 @@ CAPABILITIES: dict[str, Any] = {
     "loras": {"available": False, "max_count": 4, "scale": [-4.0, 4.0], "formats": [], "lora_dir": False,
               "urls": False, "max_mb": 0, "disk_cache_mb": 0, "adapter_cache": 0, "mixed_batches": False,
               "modes": []},
+    "image_to_image": describe_image_to_image(2048 * 2048),
     "delivery": {"base64": True, "url": False, "url_with_job_s3Config": False, "result_cache": False},
     "limits": {**input_limits(), "side": [MIN_SIDE, MAX_SIDE],  # the sides this fixture accepts (`_invalid`)
                "max_pixels": MAX_PIXELS, "job_timeout_s": 600, "max_response_bytes": 10 * 2**20},
@@ -120,5 +122,8 @@ async def handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         data = base64.b64encode(f"img-{job['id']}-{index}".encode()).decode()
         image = {"index": index, "seed": seed + index, "width": width, "height": height, "format": fmt, "base64": data}
         yield {"image": image, "progress": progress}
-    yield {"summary": {"num_images": total, "width": width, "height": height, "workflow": inp.get("workflow", "auto"),
-                       "job_keys": sorted(job), "s3Config": job.get("s3Config")}}
+    summary = {"num_images": total, "width": width, "height": height, "workflow": inp.get("workflow", "auto"),
+               "job_keys": sorted(job), "s3Config": job.get("s3Config")}
+    if "init_image" in inp:  # the fixture's own "image" bytes: lets the benchmark test see what it sent
+        summary["init_image"] = inp["init_image"]
+    yield {"summary": summary}

@@ -212,7 +212,11 @@ def test_smoke_benchmark_against_the_real_loop(
     assert report["skipped"] == []  # the demo worker offers both workflows and fast mode
     runs = report["runs"]
     assert report["config"]["repetitions"] == 1  # --repetitions overrides the config's 2
-    assert len(runs) == 10  # 2 workflows x 2 sizes of job x 2 concurrencies + 2 wizard steps
+    assert len(runs) == 11  # 2 workflows x 2 sizes of job x 2 concurrencies + 3 wizard steps
+    [from_base] = [run for run in runs if run["scenario"] == "wizard_profile_from_base"]
+    assert from_base["base"]["ok"] and all(  # 8 variations of the first base image, by its hash
+        job["summary"]["settings"]["strength"] == 0.6 and len(job["summary"]["init_image"]["sha256"]) == 64
+        for job in from_base["jobs_detail"])
     for run in runs:
         assert RECORD_FIELDS <= set(run)
         assert run["failures"] == [] and run["ok"]

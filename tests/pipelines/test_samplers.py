@@ -262,8 +262,9 @@ def test_rows_paused_joined_and_mixed_with_the_other_sampler_equal_each_alone():
     at different levels, beside an Euler row), paused for a while, give what each gives alone."""
     model = GaussianMixtureFlow(SHAPE[1:])
     sigmas, noise = danrisi_sigmas(4, SHIFT), _start_noise(3, images=3)
-    rows = [Row(danrisi(noise[0:1], sigmas, 5), danrisi_calls(sigmas)),
-            Row(danrisi(noise[1:2], sigmas, 9, eta=0.0), danrisi_calls(sigmas)),
+    start = float(sigmas[0]) * noise  # a danrisi row starts from its latent at sigmas[0]
+    rows = [Row(danrisi(start[0:1], sigmas, 5), danrisi_calls(sigmas)),
+            Row(danrisi(start[1:2], sigmas, 9, eta=0.0), danrisi_calls(sigmas)),
             Row(euler(noise[2:3], simple_sigmas(6, SHIFT)), euler_calls(simple_sigmas(6, SHIFT)))]
     schedule = [[0], [0], [0, 1], [2], [0, 1, 2], [1], [1, 2], [0, 2]]  # then everything left, together
     for chosen in schedule:

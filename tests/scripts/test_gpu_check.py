@@ -86,3 +86,18 @@ def test_mfu_counts_the_workflows_transformer_calls(tmp_path):
     assert gpu_check.mfu(ctx, 1, danrisi, "z-image-danrisi") == 1.0
     ctx.device = "cpu"
     assert gpu_check.mfu(ctx, 1, simple) is None  # no peak is claimed for a CPU
+
+
+def test_the_img2img_phase_records_each_variants_calls_and_time_beside_text_to_image(tmp_path, handler_module):
+    results = gpu_check.Results(tmp_path / "gpu_check.json", {})
+    ctx = gpu_check.Context("small", gpu_check.SIZES["small"], "cpu", torch.float32, results, tmp_path,
+                            engine=handler_module.WORKER.engine)
+    results.summarise(one_image_1024_p50_s=0.5)  # what the eager phase left
+    gpu_check.phase_img2img(ctx)
+    phase = json.loads((tmp_path / "gpu_check.json").read_text())["phases"]["img2img"]
+    assert phase["text_to_image_p50_s"] == 0.5
+    for name in ("image_to_image", "inpainting"):
+        row = phase[name]
+        assert (row["side"], row["steps"], row["strength"]) == (64, 4, 0.6)
+        assert row["model_calls"] == 3  # 4 steps at strength 0.6 start at step int(4 - 2.4) = 1
+        assert "vae_encoding" in row["stages_ms"] and row["vs_text_to_image"] == round(row["s"] / 0.5, 3)

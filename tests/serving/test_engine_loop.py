@@ -73,7 +73,7 @@ class StubEngine:
     def model_calls(self, spec) -> int:
         return spec.steps
 
-    def start(self, items, spec):
+    def start(self, items, spec, clock=None):
         return [Row(counter(spec.steps), spec.steps, item, spec) for item in items]
 
     def step(self, rows) -> None:

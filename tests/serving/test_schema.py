@@ -67,14 +67,21 @@ def check(raw: Any) -> None:
         return
     assert isinstance(parsed, (GenerateRequest, CapabilitiesRequest))
     if isinstance(parsed, GenerateRequest):  # what passes is within the documented limits
-        assert 64 <= parsed.width <= 2048 and 64 <= parsed.height <= 2048
-        assert parsed.width % 16 == 0 and parsed.height % 16 == 0
+        if parsed.size_from_init_image:  # the init image's size, decided once it is loaded
+            assert parsed.init_image is not None and parsed.height is None
+        else:
+            assert 64 <= parsed.width <= 2048 and 64 <= parsed.height <= 2048
+            assert parsed.width % 16 == 0 and parsed.height % 16 == 0
         assert 1 <= parsed.num_images <= 16 and parsed.prompt.strip()
         for mode in ("fast", "consistent"):
             steps, guidance = parsed.sampling(mode)
             assert 1 <= steps <= 50 and 0 <= guidance <= 20
         assert (parsed.mode == "consistent") == (parsed.reference_image is not None)
         assert parsed.eta is None or (0 <= parsed.eta <= 1 and parsed.workflow != "z-image-simple")
+        if parsed.init_image is None:
+            assert parsed.mask_image is None and parsed.strength is None and parsed.image_strength is None
+        else:
+            assert parsed.mode == "fast" and 0 < parsed.image_strength <= 1
         for text in (parsed.prompt, parsed.negative_prompt):  # what reaches the tokenizer encodes
             text.encode("utf-8")
             assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", text)
@@ -254,7 +261,8 @@ def test_the_worker_answers_any_text_with_images_or_an_error_naming_the_field(ha
     if "error" in result:
         match = WITH_FIELD.match(result["error"])
         assert match, result["error"]
-        codes = {"invalid_input", "invalid_reference"} if name == "reference_image" else {"invalid_input"}
+        codes = {"reference_image": {"invalid_input", "invalid_reference"},
+                 "init_image": {"invalid_input", "invalid_image"}}.get(name, {"invalid_input"})
         assert match["code"] in codes, result
         assert match["field"] in (name, "reference_image", "aspect_ratio"), result
     else:

@@ -1,4 +1,5 @@
-"""serving.reference_image: everything from outside is bounded and checked before it is used."""
+"""serving.input_image: everything from outside is bounded and checked before it is used (shown
+here for the reference photo; init and mask images take the same path, tests/serving/test_init_image.py)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ import pytest
 from PIL import Image
 
 from serving import public_fetch
-from serving import reference_image as ref
+from serving import input_image as ref
 from serving.errors import JobError
 from serving.public_fetch import FetchError, check_public_address
-from serving.reference_image import decode_image, load_reference_image
+from serving.input_image import decode_image, load_reference_image
 from tests.serving.conftest import self_signed_certificate
 
 INVALID = "invalid_reference: reference_image: "
@@ -350,27 +351,33 @@ def test_urls_that_cannot_be_sent_are_invalid_not_internal(url):
     assert caught.value.code == "invalid_reference"
 
 
+def beside_a_dripping_job(worker: Any, host: Host, slow_input: dict[str, Any],
+                          fast_input: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Start the job of `slow_input` (it fetches the host's dripping path), run the job of
+    `fast_input` to its end once the drip has begun, then let the host go: both results, and
+    whether the slow job was still fetching when the fast one finished."""
+    from serving.local_run import collect
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], bool]:
+        slow = asyncio.create_task(collect(worker.run_job, {"id": "slow", "input": slow_input}))
+        while not host.dripping.is_set():
+            await asyncio.sleep(0.02)
+        fast = await asyncio.wait_for(collect(worker.run_job, {"id": "fast", "input": fast_input}), 300)
+        slow_still_fetching = not slow.done()
+        host.release.set()
+        return await slow, fast, slow_still_fetching
+
+    return asyncio.run(scenario())
+
+
 def test_a_dripping_reference_host_does_not_hold_another_consistent_job(handler_module, https_host, monkeypatch):
     """Job A's reference host drips; job B (another host, here the same server's fast path) runs
     to its images while A is still fetching. Then the host lets go and A fails cleanly."""
-    from serving.local_run import collect
-
     monkeypatch.setattr(ref, "FETCH_TIMEOUT_S", 120.0)  # A ends when the test releases the host, not on time
-    worker = handler_module.WORKER
     small = {"prompt": "a portrait", "mode": "consistent", "width": 64, "height": 64, "steps": 2, "seed": 1}
-
-    async def scenario() -> tuple[dict[str, Any], dict[str, Any], bool]:
-        slow = asyncio.create_task(collect(worker.run_job, {"id": "slow", "input": {
-            **small, "reference_image": f"{https_host.url}/drip-body"}}))
-        while not https_host.dripping.is_set():
-            await asyncio.sleep(0.02)
-        fast = await asyncio.wait_for(collect(worker.run_job, {"id": "fast", "input": {
-            **small, "reference_image": f"{https_host.url}/photo.png"}}), 300)
-        slow_still_fetching = not slow.done()
-        https_host.release.set()
-        return await slow, fast, slow_still_fetching
-
-    slow, fast, slow_still_fetching = asyncio.run(scenario())
+    slow, fast, slow_still_fetching = beside_a_dripping_job(
+        handler_module.WORKER, https_host, {**small, "reference_image": f"{https_host.url}/drip-body"},
+        {**small, "reference_image": f"{https_host.url}/photo.png"})
     assert fast.get("errors") == [] and len(fast["images"]) == 1, fast
     assert slow_still_fetching
     assert slow["error"].startswith("invalid_reference: reference_image: "), slow
