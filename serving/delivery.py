@@ -59,7 +59,8 @@ async def open_job_store(s3_config: Any, defaults: StorageConfig | None, io: Sto
     check = loop.run_in_executor(io.pool, partial(storage_config_from_job, s3_config, defaults,
                                                   allow_private=allow_private))
     try:
-        config = await asyncio.wait_for(check, resolve_timeout_s)
+        async with asyncio.timeout(resolve_timeout_s):  # not wait_for: it drops a cancel on 3.11
+            config = await check
     except TimeoutError:
         raise StorageConfigError(PUBLIC_ONLY, field="s3Config.endpointUrl") from None
     return await loop.run_in_executor(io.pool, ImageStore, config)
@@ -142,7 +143,8 @@ class Delivery:
         key = self.store.cache_key(cache_params, image_format)
         lookup = asyncio.get_running_loop().run_in_executor(self.io.pool, self.store.lookup, key)
         try:
-            stored = await asyncio.wait_for(lookup, self.io.lookup_timeout_s)
+            async with asyncio.timeout(self.io.lookup_timeout_s):
+                stored = await lookup
         except TimeoutError:
             return None
         return None if stored is None else {"url": stored.url, "key": stored.key, "cached": True}
@@ -173,7 +175,8 @@ class Delivery:
         wait = max(0.0, delivered.deadline - time.monotonic())
         try:
             # on timeout the wrapped future is cancelled: an upload still queued never starts
-            stored = await asyncio.wait_for(asyncio.wrap_future(delivered.future), wait)
+            async with asyncio.timeout(wait):
+                stored = await asyncio.wrap_future(delivered.future)
         except TimeoutError:
             return self._fallback(delivered, "upload_timeout",
                                   f"upload not done within DELIVERY_TIMEOUT_S={self.io.delivery_timeout_s:g} s")
