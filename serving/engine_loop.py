@@ -114,7 +114,8 @@ class EngineLoop:
         with self._cond:
             ticket.cancelled = True
             self._scheduler.remove(ticket.job)
-            self._tickets.pop(ticket.job_id, None)
+            if self._tickets.get(ticket.job_id) is ticket:  # not a retried job's new ticket
+                del self._tickets[ticket.job_id]
 
     def usage(self, ticket: JobTicket) -> JobUsage:
         """A copy of the job's usage so far (the GPU thread may still be adding to it)."""

@@ -94,6 +94,17 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, engine_loop:
     to_run = [(i, item) for i, item in enumerate(plan.items) if i not in plan.cached_entries]
     ticket = (engine_loop.submit(job_id, plan.engine, plan.spec, to_run, on_outcome, plan.request.priority)
               if to_run else None)
+    # RunPod's SDK drives this generator from the job's own task and posts each chunk between two
+    # steps of it; a stop signal then cancels that task while this generator waits at a `yield`,
+    # and its `finally` would run only when the generator is garbage-collected (the SDK's cancelled
+    # task keeps the traceback, and with it the generator). So the task's end frees the GPU too.
+    consumer = asyncio.current_task() if ticket is not None else None
+
+    def release(_task: asyncio.Task) -> None:
+        engine_loop.cancel(ticket)
+
+    if consumer is not None:
+        consumer.add_done_callback(release)
     seen = set(plan.cached_entries)
     deadline = tally.started + timeout_s
     try:
@@ -126,6 +137,8 @@ async def run_plan(job: dict[str, Any], job_id: str, plan: JobPlan, engine_loop:
     finally:
         if ticket is not None:
             engine_loop.cancel(ticket)  # a no-op when done; frees the GPU when the job was cancelled
+        if consumer is not None:
+            consumer.remove_done_callback(release)
     usage = engine_loop.usage(ticket) if ticket is not None else JobUsage()
     timings = tally.final_timings(usage)
     log.info("job %s: %d/%d images in %.0f ms (%d model calls, batches %s, %d from cache)", job_id, tally.completed,
