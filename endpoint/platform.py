@@ -63,6 +63,7 @@ class WorkerSeat:
     first_seen: float = field(default_factory=time.monotonic)
     polled: bool = False  # it has asked for jobs: its start-up is over
     last_ping: float | None = None
+    pinged_jobs: frozenset[str] = frozenset()  # the jobs its SDK said it holds, at `last_ping`
     draining: bool = False  # being stopped, or asked to be (stopPod): no more jobs for it
     gone: bool = False
     held: set[str] = field(default_factory=set)  # its IN_PROGRESS jobs
@@ -215,7 +216,7 @@ class Platform:
 
     def ping(self, worker_id: str, held_job_ids: list[str]) -> None:
         seat = self.seat(worker_id)
-        seat.last_ping = time.monotonic()
+        seat.last_ping, seat.pinged_jobs = time.monotonic(), frozenset(held_job_ids)
         for job_id in held_job_ids:
             record = self.store.get(job_id)
             stopped_here = (record is not None and record.worker_id == worker_id

@@ -137,9 +137,16 @@ def test_a_stop_signal_ends_one_job_while_the_others_complete(endpoint: Backgrou
         assert time.monotonic() < deadline and api.status(big)["status"] == "IN_PROGRESS"
         time.sleep(0.02)
     assert api.call("POST", f"cancel/{big}").json() == {"id": big, "status": "CANCELLED"}
+    cancelled_at = time.monotonic()
     for job_id in others:
         final = api.wait(job_id, timeout_s=300)
         assert final["status"] == "COMPLETED" and sorted(_images(final["output"])) == [0, 1]
+    # The stop reaches the worker on its own channel: a ping after the cancel without the job says
+    # the SDK's task for it has ended (its rows leave then), whatever this machine's timing.
+    seat = endpoint.platform.workers[endpoint.platform.store.get(big).worker_id]
+    while not (seat.last_ping and seat.last_ping > cancelled_at and big not in seat.pinged_jobs):
+        assert time.monotonic() < deadline, "the worker still holds the cancelled job"
+        time.sleep(0.05)
     # The cancelled job's images left the scheduler: a new job's model calls hold only its own
     # images (a queued image of the old job would share them, the scheduler interleaves jobs).
     after = api.wait(api.submit({**SLOW, "num_images": 2, "seed": 4}), timeout_s=300)
