@@ -14,7 +14,6 @@ Each engine defines its own spec type (what one request's images share) next to 
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Generator, Hashable
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ StopCheck = Callable[[], bool]
 # batch size 1 and sigma a 0-d tensor, receives that output (1, ...), and returns the final latents.
 RowSampler = Generator[tuple[torch.Tensor, torch.Tensor], torch.Tensor, torch.Tensor]
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_batch_ids = itertools.count(1)
 
 
 class SamplingStopped(Exception):
@@ -129,11 +127,10 @@ class StageClock:
 
 @dataclass
 class BatchResult:
-    """A lock-step generation's uint8 images (B, H, W, 3), the ms each stage took, and its id."""
+    """A lock-step generation's uint8 images (B, H, W, 3) and the ms each stage took."""
 
     images: np.ndarray
     timings_ms: dict[str, float] = field(default_factory=dict)
-    batch_id: int = field(default_factory=lambda: next(_batch_ids))
 
 
 @dataclass(frozen=True)

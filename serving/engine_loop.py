@@ -52,6 +52,8 @@ class _Admission:
     deadline: float
     hold_until: float
     held: bool = False
+
+
 def _ticket(slot: Slot) -> JobTicket:
     return slot.job.owner
 

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]
 
 
-
 @dataclass
 class JobTally:
     """What the summary reports, counted as the images come."""
