@@ -22,7 +22,7 @@ import numpy as np
 
 from pipelines.img2img import InitImage, preprocess_image, preprocess_mask
 from serving import input_image
-from serving.input_image import INIT, MASK, ImageField, load_image
+from serving.input_image import INIT, MASK, load_images
 from serving.schema import MAX_SIDE, MIN_SIDE, SIZE_MULTIPLE, GenerateRequest
 
 LOAD_TIMEOUT_S = 30.0  # a job's init image and mask together: fetched, decoded, prepared
@@ -82,10 +82,8 @@ class InitImageLoader:
         """None for text-to-image; else both images fetched at once, within one deadline."""
         if request.init_image is None:
             return None
-        loop = asyncio.get_running_loop()
         sources = [(INIT, request.init_image)] + ([(MASK, request.mask_image)] if request.mask_image else [])
-        loads = [loop.run_in_executor(self._pool, load_image, value, field) for field, value in sources]
-        (init_data, init_rgb), *mask = await _within_deadline([field for field, _ in sources], loads)
+        (init_data, init_rgb), *mask = await load_images(self._pool, sources, LOAD_TIMEOUT_S)
         if request.size_from_init_image:
             width, height = size_from_image(init_rgb.shape[1], init_rgb.shape[0], self.max_pixels)
         else:
@@ -94,6 +92,7 @@ class InitImageLoader:
         if mask_rgb is not None and mask_rgb.shape[:2] != init_rgb.shape[:2]:
             raise MASK.invalid(f"is {mask_rgb.shape[1]}x{mask_rgb.shape[0]}: it must have init_image's size, "
                                f"{init_rgb.shape[1]}x{init_rgb.shape[0]}")
+        loop = asyncio.get_running_loop()
         image = await loop.run_in_executor(self._pool, _prepare, init_rgb, mask_rgb, width, height)
         note = None
         if (width, height) != (init_rgb.shape[1], init_rgb.shape[0]):
@@ -102,20 +101,6 @@ class InitImageLoader:
             note = f"init_image is {init_rgb.shape[1]}x{init_rgb.shape[0]}: served at {width}x{height}, {how}"
         return InitInput(image, width, height, hashlib.sha256(init_data).hexdigest(),
                          hashlib.sha256(mask_data).hexdigest() if mask_data is not None else None, note)
-
-
-async def _within_deadline(fields: list[ImageField], loads: list[asyncio.Future]) -> list[Any]:
-    """The loads' results in order; the first refusal as soon as it comes; a load still running
-    at the deadline is refused by its field (its thread ends at its own fetch deadline)."""
-    done, pending = await asyncio.wait(loads, timeout=LOAD_TIMEOUT_S, return_when=asyncio.FIRST_EXCEPTION)
-    for future in pending:
-        future.cancel()
-    for field, future in zip(fields, loads):
-        if future in done and future.exception() is not None:
-            raise future.exception()
-        if future in pending:
-            raise field.invalid("took too long to fetch or read")
-    return [future.result() for future in loads]
 
 
 def _prepare(init_rgb: np.ndarray, mask_rgb: np.ndarray | None, width: int, height: int) -> InitImage:

@@ -9,9 +9,11 @@ names the request field the image came in, with that field's error code.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,9 +58,23 @@ def load_image(value: str, field: ImageField) -> tuple[bytes, np.ndarray]:
     return data, decode_image(data, field)
 
 
-def load_reference_image(value: str) -> tuple[bytes, np.ndarray]:
-    """Consistent mode's reference photo (`invalid_reference: reference_image: …` when refused)."""
-    return load_image(value, REFERENCE)
+async def load_images(pool: Executor, sources: list[tuple[ImageField, str]],
+                      timeout_s: float) -> list[tuple[bytes, np.ndarray]]:
+    """`load_image` for each (field, value) of `sources`, all at once on `pool` (a slow host holds
+    only its job), in order, within one deadline: the first refusal as soon as it comes; an image
+    still loading at the deadline is refused by its field (its thread ends at its own fetch
+    deadline)."""
+    loop = asyncio.get_running_loop()
+    loads = [loop.run_in_executor(pool, load_image, value, field) for field, value in sources]
+    done, pending = await asyncio.wait(loads, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
+    for future in pending:
+        future.cancel()
+    for (field, _value), future in zip(sources, loads):
+        if future in done and future.exception() is not None:
+            raise future.exception()
+        if future in pending:
+            raise field.invalid("took too long to fetch or read")
+    return [future.result() for future in loads]
 
 
 def _decode_base64(value: str, field: ImageField) -> bytes:

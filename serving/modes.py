@@ -20,7 +20,7 @@ from pipelines.z_image import BatchSpec, ZImageEngine
 from serving.errors import JobError
 from serving.init_image import InitImageLoader, InitInput
 from serving.lora_loading import LoraLoader
-from serving.input_image import load_reference_image
+from serving.input_image import REFERENCE, load_images
 from serving.schema import MODE_DEFAULTS, GenerateRequest
 from serving.settings import Settings
 
@@ -112,13 +112,10 @@ class ConsistentMode:
         self._identity_pool = ThreadPoolExecutor(1, thread_name_prefix="identity")
 
     async def choose(self, request: GenerateRequest) -> ModeChoice:
-        loop = asyncio.get_running_loop()
+        (data, rgb), = await load_images(self._fetch_pool, [(REFERENCE, request.reference_image)], REFERENCE_TIMEOUT_S)
         try:
-            async with asyncio.timeout(REFERENCE_TIMEOUT_S):  # not wait_for: it drops a cancel on 3.11
-                data, rgb = await loop.run_in_executor(self._fetch_pool, load_reference_image, request.reference_image)
-            identity = await loop.run_in_executor(self._identity_pool, self.pipeline.compute_identity, rgb)
-        except TimeoutError:
-            raise JobError("invalid_reference", "took too long to fetch or read", field="reference_image") from None
+            identity = await asyncio.get_running_loop().run_in_executor(self._identity_pool,
+                                                                         self.pipeline.compute_identity, rgb)
         except IdentityError as err:
             code = "multiple_faces" if isinstance(err, MultipleFaces) else "no_face"
             rule = "has more than one face: crop it to one person" if code == "multiple_faces" else "has no face"

@@ -174,12 +174,12 @@ def test_concurrent_consistent_jobs_share_a_batch_and_keep_their_seeds(patient):
 
 
 def test_an_unexpected_failure_while_planning_is_a_clean_error(handler_module, monkeypatch):
-    import serving.modes as worker_module
+    import serving.input_image as input_image
 
-    def broken(value):
+    def broken(value, field):
         raise RuntimeError("injected bug")
 
-    monkeypatch.setattr(worker_module, "load_reference_image", broken)
+    monkeypatch.setattr(input_image, "load_image", broken)
     result = run_job(handler_module, consistent(steps=1))
     assert result == {"error": "internal_error: RuntimeError while preparing the job"}
     monkeypatch.undo()

@@ -26,10 +26,14 @@ from serving import public_fetch
 from serving import input_image as ref
 from serving.errors import JobError
 from serving.public_fetch import FetchError, check_public_address
-from serving.input_image import decode_image, load_reference_image
+from serving.input_image import REFERENCE, decode_image, load_image
 from tests.serving.conftest import self_signed_certificate
 
 INVALID = "invalid_reference: reference_image: "
+
+
+def load_reference_image(value: str) -> tuple[bytes, np.ndarray]:
+    return load_image(value, REFERENCE)
 
 
 def encoded(fmt: str, size: tuple[int, int] = (96, 80), mode: str = "RGB") -> bytes:
