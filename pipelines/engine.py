@@ -107,6 +107,13 @@ def run_lockstep(rows: list[Row], step: Callable[[list[Row]], None], should_stop
                 raise row.error
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA runs asynchronously), so a time taken next is that
+    work's own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class StageClock:
     """Milliseconds per stage of engine work: `lap(stage)` adds the time since the last lap to
     `stage`. On CUDA it synchronizes first, so a stage is charged the kernels it queued, not the
@@ -118,8 +125,7 @@ class StageClock:
         self._since = time.perf_counter()
 
     def lap(self, stage: str) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         now = time.perf_counter()
         self.timings_ms[stage] = self.timings_ms.get(stage, 0.0) + (now - self._since) * 1000
         self._since = now

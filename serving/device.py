@@ -1,6 +1,6 @@
 """What the device can take and what its failures mean: the row limit of a call from free GPU
-memory, waiting for its queued work, and which errors a call survives (out of memory: split it)
-or the process does not (a broken CUDA context: ask RunPod for a fresh worker)."""
+memory, and which errors a call survives (out of memory: split it) or the process does not (a
+broken CUDA context: ask RunPod for a fresh worker)."""
 
 from __future__ import annotations
 
@@ -29,12 +29,6 @@ def batch_limit(settings: Settings, engine: Engine, spec: Any, free_bytes: int |
     if free_bytes is None:
         free_bytes = free_gpu_bytes()
     return max(1, min(MAX_IMAGES, int(free_bytes // engine.activation_bytes(spec))))
-
-
-def synchronize(engine: Engine) -> None:
-    """Wait for the engine's queued GPU work, so a call's measured time is its own."""
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
 
 
 def is_oom(err: BaseException) -> bool:

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from pipelines.engine import Engine, ImageItem, StageClock
-from serving.device import synchronize
+from pipelines.engine import Engine, ImageItem, StageClock, synchronize
 from serving.job_ticket import ImageOutcome, JobTicket, JobUsage
 from serving.scheduler import Call, Job, Priority, Scheduler, Slot
 
@@ -254,7 +253,7 @@ class EngineLoop:
 
         began = self._clock()
         done = self._attempt(counted, slots, _ticket(slots[0]).spec)
-        synchronize(engine)
+        synchronize(engine.device)
         return done, self._clock() - began, runs == 1
 
     def _attempt(self, run: Callable[[list[Slot]], Any], slots: list[Slot], spec: Any) -> list[tuple[Slot, Any]]:
