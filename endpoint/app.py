@@ -20,7 +20,7 @@ from endpoint.jobs import IN_PROGRESS, IN_QUEUE, JobRecord
 from endpoint.platform import NotRetryable, Platform
 from endpoint.pool import WorkerPool
 from endpoint.webhook import WebhookPolicy, WebhookSender, check_webhook_url
-from endpoint.worker_api import WorkerApi, WorkerApiSettings
+from endpoint.worker_api import WorkerApi, WorkerApiSettings, is_worker_route
 
 MB = 1_000_000
 
@@ -75,8 +75,7 @@ def _auth_middleware(api_key: str | None, worker_key: str) -> Callable[[web.Requ
     sent bare as the SDK sends RUNPOD_AI_API_KEY, so a client cannot take or finish jobs."""
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        route_name = request.match_info.route.name or ""
-        key = worker_key if route_name.startswith("worker-") else api_key
+        key = worker_key if is_worker_route(request) else api_key
         if key is not None and not _authorized(request, key.encode()):
             return _error(401, "Unauthorized")
         try:

@@ -60,7 +60,6 @@ class WorkerSeat:
     """What the platform knows of one worker: from its polls, pings and results."""
 
     id: str
-    first_seen: float = field(default_factory=time.monotonic)
     polled: bool = False  # it has asked for jobs: its start-up is over
     last_ping: float | None = None
     pinged_jobs: frozenset[str] = frozenset()  # the jobs its SDK said it holds, at `last_ping`
@@ -115,9 +114,7 @@ class Platform:
         if record.status == IN_QUEUE:
             with suppress(ValueError):
                 self._queue.remove(record)
-            self._finish(record, CANCELLED)
-        elif record.status == IN_PROGRESS:
-            self._finish(record, CANCELLED)
+        self._finish(record, CANCELLED)  # nothing when it has ended
 
     def retry(self, record: JobRecord) -> None:
         if record.status not in RETRYABLE_STATUSES:

@@ -17,6 +17,7 @@ from endpoint.jobs import JobRecord, JobStore
 from endpoint.platform import Platform
 from endpoint.pool import PoolSettings, WorkerPool, worker_command
 from endpoint.webhook import WebhookPolicy, WebhookSender
+from endpoint.worker_api import is_worker_route
 
 API_KEY_ENV = "LOCAL_ENDPOINT_API_KEY"
 REACHED_AS_LOOPBACK = frozenset({"", "0.0.0.0", "::", "localhost"})  # binds a local worker calls at 127.0.0.1
@@ -29,8 +30,7 @@ class ClientAccessLogger(AccessLogger):
     second) would bury them."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        route = getattr(request, "match_info", None)
-        if route is not None and (route.route.name or "").startswith("worker-"):
+        if is_worker_route(request):
             return
         super().log(request, response, time)
 

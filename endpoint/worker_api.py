@@ -27,6 +27,15 @@ MAX_TAKE_BATCH = 64
 MAX_PING_JOBS = 1024
 
 
+ROUTE_PREFIX = "worker-"  # every worker route's name starts so: the server knows them by it
+
+
+def is_worker_route(request: web.BaseRequest) -> bool:
+    """A worker's poll, ping or result (the workers' key, no access log), not a client's request."""
+    match = getattr(request, "match_info", None)
+    return match is not None and (match.route.name or "").startswith(ROUTE_PREFIX)
+
+
 @dataclass(frozen=True)
 class WorkerApiSettings:
     hold_s: float = 20.0  # how long job-take and job-stop hold a request with nothing to give
@@ -41,13 +50,13 @@ class WorkerApi:
         self.settings = settings
 
     def add_routes(self, app: web.Application, prefix: str) -> None:
-        """Route names start with `worker-`: the server's auth checks the worker key on them."""
-        app.router.add_get(f"{prefix}/job-take/{{worker_id}}", self.take_one, name="worker-take")
-        app.router.add_get(f"{prefix}/job-take-batch/{{worker_id}}", self.take_batch, name="worker-take-batch")
-        app.router.add_post(f"{prefix}/job-done/{{worker_id}}/{{job_id}}", self.done, name="worker-done")
-        app.router.add_post(f"{prefix}/job-stream/{{worker_id}}/{{job_id}}", self.stream, name="worker-stream")
-        app.router.add_get(f"{prefix}/job-stop/{{worker_id}}", self.stop, name="worker-stop")
-        app.router.add_get(f"{prefix}/ping/{{worker_id}}", self.ping, name="worker-ping")
+        """Route names start with ROUTE_PREFIX: the server checks the workers' key on them."""
+        app.router.add_get(f"{prefix}/job-take/{{worker_id}}", self.take_one, name=f"{ROUTE_PREFIX}take")
+        app.router.add_get(f"{prefix}/job-take-batch/{{worker_id}}", self.take_batch, name=f"{ROUTE_PREFIX}take-batch")
+        app.router.add_post(f"{prefix}/job-done/{{worker_id}}/{{job_id}}", self.done, name=f"{ROUTE_PREFIX}done")
+        app.router.add_post(f"{prefix}/job-stream/{{worker_id}}/{{job_id}}", self.stream, name=f"{ROUTE_PREFIX}stream")
+        app.router.add_get(f"{prefix}/job-stop/{{worker_id}}", self.stop, name=f"{ROUTE_PREFIX}stop")
+        app.router.add_get(f"{prefix}/ping/{{worker_id}}", self.ping, name=f"{ROUTE_PREFIX}ping")
 
     async def take_one(self, request: web.Request) -> web.Response:
         jobs = await self.platform.take(request.match_info["worker_id"], 1, self.settings.hold_s)
