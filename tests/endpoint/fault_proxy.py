@@ -1,17 +1,17 @@
 """A fault-injecting HTTP proxy between workers and the job server, for tests: it forwards every
 request, except that an armed fault answers one route with an error status (before or after
-forwarding) or answers late. Real aiohttp server on 127.0.0.1 in its own thread."""
+forwarding) or answers late. A real aiohttp server on 127.0.0.1 (tests/endpoint/loopback_server.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from dataclasses import dataclass
-from types import TracebackType
 
 import aiohttp
 from aiohttp import web
+
+from tests.endpoint.loopback_server import LoopbackServer
 
 LONG_POLL_S = 120
 
@@ -36,19 +36,20 @@ class Seen:
     progress: bool = False
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     def __init__(self) -> None:
         self.faults: list[Fault] = []
         self.seen: list[Seen] = []
         self._target = ""
         self._target_set = asyncio.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-proxy", daemon=True)
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._runner = web.AppRunner(app)
         self._session: aiohttp.ClientSession | None = None
-        self.url = ""
+        super().__init__(app, "fault-proxy")
+
+    @property
+    def url(self) -> str:
+        return self.base_url
 
     def set_target(self, base: str) -> None:
         """The job server (http://host:port); requests wait until it is known."""
@@ -97,25 +98,9 @@ class FaultProxy:
         self.seen.append(Seen(route, worker_id, job_id, status, time.monotonic(), progress))
         return web.Response(status=status, body=payload or None, content_type=content_type if payload else None)
 
-    async def _start(self) -> None:
+    async def started(self) -> None:
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=LONG_POLL_S))
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
 
-    async def _stop(self) -> None:
-        await self._runner.cleanup()
+    async def stopped(self) -> None:
         assert self._session is not None
         await self._session.close()
-
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()

@@ -8,6 +8,7 @@ from typing import Any
 import requests
 
 from endpoint.background import BackgroundEndpoint
+from endpoint.jobs import FINAL_STATUSES
 from tests.conftest import API_KEY
 
 ENDPOINT_ID = "test-endpoint"
@@ -37,7 +38,7 @@ class Api:
         deadline = time.monotonic() + timeout_s
         while True:
             body = self.status(job_id)
-            if body["status"] in {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}:
+            if body["status"] in FINAL_STATUSES:
                 return body
             assert time.monotonic() < deadline, f"job {job_id} still {body['status']}"
             time.sleep(0.02)
@@ -48,3 +49,18 @@ class Api:
             assert time.monotonic() < deadline, f"job {job_id} never {status}: {body['status']}"
             time.sleep(0.01)
         return body
+
+
+def images_of(output: list[dict[str, Any]]) -> list[int]:
+    """Image indices of a job's output chunks, in the order they were yielded (finished images
+    stream in any order)."""
+    return [chunk["image"]["index"] for chunk in output if "image" in chunk]
+
+
+def exit_code(server: BackgroundEndpoint, worker_id: str, timeout_s: float = 30) -> int:
+    """The exit status of a worker of the server's pool, once it has exited."""
+    deadline = time.monotonic() + timeout_s
+    while not (codes := [code for exited, code in list(server.pool.exits) if exited == worker_id]):
+        assert time.monotonic() < deadline, f"worker {worker_id} did not exit"
+        time.sleep(0.05)
+    return codes[0]

@@ -19,12 +19,8 @@ from endpoint.background import BackgroundEndpoint
 from endpoint.worker_api import WorkerApiSettings
 from tests.conftest import API_KEY, EndpointFactory
 from tests.endpoint.fake_worker import CONCURRENCY
-from tests.endpoint.http import Api
+from tests.endpoint.http import Api, images_of
 from tests.endpoint.protocol import ProtocolWorker
-
-
-def images_of(output: list[dict]) -> list[int]:
-    return [chunk["image"]["index"] for chunk in output if "image" in chunk]
 
 
 @pytest.mark.parametrize("key", [None, "wrong"])

@@ -13,7 +13,7 @@ from endpoint.app import ServerSettings
 from endpoint.background import BackgroundEndpoint
 from tests.conftest import API_KEY, fake_workers
 from tests.endpoint.fault_proxy import Fault, FaultProxy
-from tests.endpoint.http import Api
+from tests.endpoint.http import Api, exit_code, images_of
 
 JOB = {"prompt": "p", "num_images": 3, "delay_s": 0.3}
 
@@ -53,18 +53,6 @@ def the_worker(server: BackgroundEndpoint, not_this: str | None = None, timeout_
         time.sleep(0.05)
 
 
-def exit_code(server: BackgroundEndpoint, worker_id: str, timeout_s: float = 30) -> int:
-    deadline = time.monotonic() + timeout_s
-    while not (codes := [code for exited, code in list(server.pool.exits) if exited == worker_id]):
-        assert time.monotonic() < deadline, f"worker {worker_id} did not exit"
-        time.sleep(0.05)
-    return codes[0]
-
-
-def images(output: list[dict]) -> list[int]:
-    return sorted(chunk["image"]["index"] for chunk in output if "image" in chunk)
-
-
 @pytest.mark.parametrize("forward_first", [False, True], ids=["lost-before-the-server", "lost-after-the-server"])
 def test_a_result_post_answered_500_once_is_recorded_once(
     endpoint: BackgroundEndpoint, proxy: FaultProxy, forward_first: bool
@@ -74,7 +62,7 @@ def test_a_result_post_answered_500_once_is_recorded_once(
     proxy.arm(Fault("job-done", status=500, forward_first=forward_first))
     job_id = api.submit(JOB)
     final = api.wait(job_id, timeout_s=30)
-    assert final["status"] == "COMPLETED" and images(final["output"]) == [0, 1, 2]
+    assert final["status"] == "COMPLETED" and sorted(images_of(final["output"])) == [0, 1, 2]
     assert [post.status for post in proxy.results_of(job_id, 2)] == [500, 200]  # the SDK retried the result
     after = api.call("GET", "health").json()
     assert after["jobs"]["completed"] - before["jobs"]["completed"] == 1
@@ -122,7 +110,7 @@ def test_sigterm_lets_the_job_in_flight_finish_and_post_before_exit(endpoint: Ba
     endpoint.on_loop(lambda: endpoint.pool.terminate(worker_id))  # RunPod scaling the worker down
     final = api.wait(job_id, timeout_s=30)
     assert (final["status"], final["workerId"]) == ("COMPLETED", worker_id)
-    assert images(final["output"]) == [0, 1, 2, 3]
+    assert sorted(images_of(final["output"])) == [0, 1, 2, 3]
     assert exit_code(endpoint, worker_id) == 0  # it drained and exited cleanly
     the_worker(endpoint, not_this=worker_id)  # and a fresh one took its place
     assert api.wait(api.submit({**JOB, "num_images": 1}), timeout_s=60)["status"] == "COMPLETED"
@@ -148,4 +136,4 @@ def test_a_killed_worker_times_its_job_out_then_retry_completes_it(endpoint: Bac
     assert api.call("POST", f"retry/{job_id}").json()["status"] == "IN_QUEUE"
     final = api.wait(job_id, timeout_s=30)
     assert (final["status"], final["workerId"]) == ("COMPLETED", new_worker)
-    assert images(final["output"]) == list(range(6))
+    assert sorted(images_of(final["output"])) == list(range(6))

@@ -20,14 +20,14 @@ import runpod
 
 from benchmark import cli
 from endpoint.background import BackgroundEndpoint
+from endpoint.jobs import FINAL_STATUSES
 from endpoint.pool import PoolSettings
 from tests.conftest import API_KEY, running_endpoint
 from tests.endpoint import fake_worker
 from tests.endpoint.gpu_fault_worker import GPU_FAULT_ENV
-from tests.endpoint.http import ENDPOINT_ID, Api
+from tests.endpoint.http import ENDPOINT_ID, Api, exit_code, images_of
 
 ROOT = Path(__file__).resolve().parents[2]
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"}
 JOB = {"prompt": "a red kite over the sea", "num_images": 3, "width": 64, "height": 64, "steps": 2, "seed": 11,
        "output_format": "png"}
 SLOW = {**JOB, "width": 128, "height": 128, "steps": 4}  # a batch takes long enough to watch it run
@@ -59,11 +59,6 @@ def client(endpoint: BackgroundEndpoint, monkeypatch: pytest.MonkeyPatch) -> run
     monkeypatch.setattr(runpod, "endpoint_url_base", endpoint.base_url)
     monkeypatch.setattr(runpod, "api_key", API_KEY)
     return runpod.Endpoint(ENDPOINT_ID)
-
-
-def _images(output: list[dict[str, Any]]) -> list[int]:
-    """Image indices in the order they were yielded (finished images stream in any order)."""
-    return [chunk["image"]["index"] for chunk in output if "image" in chunk]
 
 
 def submit_together(api: Api, inputs: list[dict[str, Any]]) -> list[str]:
@@ -111,14 +106,14 @@ def test_a_running_job_streams_each_image_before_its_result_and_shows_progress(e
         chunks = [item["output"] for item in body["stream"]]
         streamed += chunks
         if body["status"] == "IN_PROGRESS":
-            live_images += len(_images(chunks))
-        if body["status"] in FINAL:
+            live_images += len(images_of(chunks))
+        if body["status"] in FINAL_STATUSES:
             break
         assert time.monotonic() < deadline, "job did not finish"
         time.sleep(0.02)
     final = api.status(job_id)
     assert final["status"] == "COMPLETED"
-    assert streamed == final["output"] and sorted(_images(streamed)) == list(range(8))
+    assert streamed == final["output"] and sorted(images_of(streamed)) == list(range(8))
     assert live_images >= 1, "no image was streamed before the job ended"
     record = endpoint.platform.store.get(job_id)
     assert record.streamed == len(final["output"])  # each chunk posted to job-stream once
@@ -133,14 +128,14 @@ def test_a_stop_signal_ends_one_job_while_the_others_complete(endpoint: Backgrou
     big, *others = submit_together(api, [{**SLOW, "num_images": 16, "seed": 1},
                                          {**SLOW, "num_images": 2, "seed": 2}, {**SLOW, "num_images": 2, "seed": 3}])
     deadline = time.monotonic() + 300
-    while not _images([item["output"] for item in api.call("GET", f"stream/{big}").json()["stream"]]):
+    while not images_of([item["output"] for item in api.call("GET", f"stream/{big}").json()["stream"]]):
         assert time.monotonic() < deadline and api.status(big)["status"] == "IN_PROGRESS"
         time.sleep(0.02)
     assert api.call("POST", f"cancel/{big}").json() == {"id": big, "status": "CANCELLED"}
     cancelled_at = time.monotonic()
     for job_id in others:
         final = api.wait(job_id, timeout_s=300)
-        assert final["status"] == "COMPLETED" and sorted(_images(final["output"])) == [0, 1]
+        assert final["status"] == "COMPLETED" and sorted(images_of(final["output"])) == [0, 1]
     # The stop reaches the worker on its own channel: a ping after the cancel without the job says
     # the SDK's task for it has ended (its rows leave then), whatever this machine's timing.
     seat = endpoint.platform.workers[endpoint.platform.store.get(big).worker_id]
@@ -169,7 +164,7 @@ def test_fake_worker_capabilities_have_the_real_shape(endpoint: BackgroundEndpoi
 
 def test_official_client_run_sync_and_run_status_stream_output(client: runpod.Endpoint) -> None:
     output = client.run_sync({"input": JOB}, timeout=120)
-    assert sorted(_images(output)) == [0, 1, 2]
+    assert sorted(images_of(output)) == [0, 1, 2]
     summary = output[-1]["summary"]
     assert summary["images_completed"] == 3 and summary["settings"]["width"] == 64
     assert all(chunk["image"]["base64"] for chunk in output[:-1])
@@ -194,7 +189,7 @@ def test_bad_input_fails_with_invalid_input(client: runpod.Endpoint, endpoint: B
         assert body["status"] == "FAILED"
         assert body["error"].startswith(f"invalid_input: {field}: "), body["error"]
         assert "Traceback" not in body["error"]
-    assert _images(client.run_sync({"input": {**JOB, "num_images": 1}}, timeout=120)) == [0]
+    assert images_of(client.run_sync({"input": {**JOB, "num_images": 1}}, timeout=120)) == [0]
 
 
 def test_s3_config_reaches_the_worker(endpoint: BackgroundEndpoint) -> None:
@@ -267,10 +262,7 @@ def test_refresh_worker_after_a_device_failure(endpoint: BackgroundEndpoint, gpu
     errors = [chunk["image_error"]["code"] for chunk in failed["output"] if "image_error" in chunk]
     assert errors == ["device_failure", "device_failure"]
     assert not gpu_fault_file.exists()
-    deadline = time.monotonic() + 60
-    while (failed["workerId"], 0) not in endpoint.pool.exits:  # it exits after its job, cleanly
-        assert time.monotonic() < deadline, "the worker did not exit after refresh_worker"
-        time.sleep(0.1)
+    assert exit_code(endpoint, failed["workerId"], timeout_s=60) == 0  # it exits after its job, cleanly
     after = api.wait(api.submit({**JOB, "num_images": 1}), timeout_s=300)  # queued until the new worker is up
-    assert after["status"] == "COMPLETED" and _images(after["output"]) == [0]
+    assert after["status"] == "COMPLETED" and images_of(after["output"]) == [0]
     assert after["workerId"] != failed["workerId"]
