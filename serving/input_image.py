@@ -69,9 +69,10 @@ async def load_images(pool: Executor, sources: list[tuple[ImageField, str]],
     done, pending = await asyncio.wait(loads, timeout=timeout_s, return_when=asyncio.FIRST_EXCEPTION)
     for future in pending:
         future.cancel()
-    for (field, _value), future in zip(sources, loads):
+    for future in loads:  # a refusal first: the wait ended early for it, the others still loading
         if future in done and future.exception() is not None:
             raise future.exception()
+    for (field, _value), future in zip(sources, loads):
         if future in pending:
             raise field.invalid("took too long to fetch or read")
     return [future.result() for future in loads]

@@ -149,6 +149,16 @@ def test_a_dripping_mask_host_is_cut_off_at_the_load_deadline(https_host, monkey
     assert message == "invalid_image: mask_image: took too long to fetch or read"
 
 
+def test_a_bad_mask_is_refused_at_once_while_the_init_image_still_loads(https_host, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(input_image, "FETCH_TIMEOUT_S", 120.0)
+    monkeypatch.setattr(init_image, "LOAD_TIMEOUT_S", 120.0)  # the refusal comes long before either
+    try:
+        message = refused(init_image=f"{https_host.url}/drip-body", mask_image="not base64!")
+    finally:
+        https_host.release.set()
+    assert message == "invalid_image: mask_image: is neither an https URL nor valid base64"
+
+
 def test_a_dripping_init_image_host_does_not_hold_another_job(handler_module, https_host, monkeypatch):  # noqa: F811
     """Job A's init image drips; job B runs to its image meanwhile. Then the host lets go."""
     monkeypatch.setattr(input_image, "FETCH_TIMEOUT_S", 120.0)
